@@ -1,0 +1,54 @@
+# Two commands do everything on a fresh machine with Python 3.11: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export KAMENG_DATA_DIR ?= var
+
+.PHONY: run test lint typecheck unit venv demo migrate bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11+)"; exit 1; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+migrate: $(STAMP)
+	$(BIN)/kameng migrate
+
+demo: migrate
+	$(BIN)/kameng demo > $(KAMENG_DATA_DIR)/demo-credentials.txt
+	@cat $(KAMENG_DATA_DIR)/demo-credentials.txt
+
+run: demo
+	@echo
+	@echo "kameng is starting on http://127.0.0.1:8000"
+	@echo "  home page + order lookup  http://127.0.0.1:8000/"
+	@echo "  Reseller API docs         http://127.0.0.1:8000/api/v1/docs"
+	@echo "  OpenAPI                   http://127.0.0.1:8000/api/v1/openapi.json"
+	@echo "  health / metrics          http://127.0.0.1:8000/healthz  /metrics"
+	@echo "  demo reseller credentials above (also in $(KAMENG_DATA_DIR)/demo-credentials.txt)"
+	@echo "  try: $(BIN)/python examples/buy.py  (buys a demo key with those credentials)"
+	@echo
+	$(BIN)/kameng serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/python bench/stock_import.py
+	$(BIN)/python bench/orders.py --db sqlite
+	$(BIN)/python bench/orders.py --db postgresql
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

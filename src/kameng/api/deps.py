@@ -1,0 +1,135 @@
+"""HTTP-edge dependencies: the container, the caller's language, signed-request auth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from kameng.container import Container
+from kameng.errors import ErrorCode, KamengError, normalize_language
+from kameng.resellers import service as resellers
+from kameng.resellers.service import Caller
+from kameng.security.signing import body_sha256, sign_request, signature_matches, string_to_sign
+
+SIGNATURE_HEADERS = ("X-Api-Key", "X-Timestamp", "X-Nonce", "X-Signature")
+MAX_NONCE_LENGTH = 128
+
+
+def get_container(request: Request) -> Container:
+    container: Container = request.app.state.container
+    return container
+
+
+def get_language(request: Request) -> str:
+    return normalize_language(request.headers.get("accept-language"))
+
+
+ContainerDep = Annotated[Container, Depends(get_container)]
+LanguageDep = Annotated[str, Depends(get_language)]
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRequest:
+    """What a signed request carries, read on the event loop (no I/O but the body)."""
+
+    api_key: str
+    timestamp: str
+    nonce: str
+    signature: str
+    method: str
+    path: str
+    body: bytes
+
+
+def path_with_query(request: Request) -> str:
+    """The path exactly as sent (still percent-encoded), as the client signed it."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    query = request.scope.get("query_string", b"")
+    path = raw.decode("latin-1")
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+async def signed_request(request: Request, container: ContainerDep) -> SignedRequest:
+    """Header and clock checks that need no database; the rest happens in `authenticated`."""
+    headers = request.headers
+    missing = [h for h in SIGNATURE_HEADERS if not headers.get(h)]
+    if missing:
+        raise KamengError(ErrorCode.auth_missing, headers=", ".join(missing))
+    timestamp, nonce = headers["x-timestamp"], headers["x-nonce"]
+    window = container.settings.signature_window_s
+    now = int(container.clock().timestamp())
+    if not timestamp.isdigit() or abs(now - int(timestamp)) > window:
+        raise KamengError(ErrorCode.auth_timestamp_out_of_window, window=window)
+    if len(nonce) > MAX_NONCE_LENGTH or not nonce.isprintable():
+        raise KamengError(ErrorCode.auth_missing, headers="X-Nonce (1-128 printable characters)")
+    return SignedRequest(
+        api_key=headers["x-api-key"],
+        timestamp=timestamp,
+        nonce=nonce,
+        signature=headers["x-signature"],
+        method=request.method,
+        path=path_with_query(request),
+        body=await request.body(),
+    )
+
+
+SignedDep = Annotated[SignedRequest, Depends(signed_request)]
+
+
+def _authenticate(conn: Connection, container: Container, req: SignedRequest) -> Caller:
+    caller = container.authenticator.caller(conn, req.api_key)
+    expected = sign_request(caller.secret, req.method, req.path, req.timestamp, req.nonce, req.body)
+    if not signature_matches(expected, req.signature):
+        raise KamengError(
+            ErrorCode.auth_bad_signature,
+            extra={
+                "string_to_sign": string_to_sign(
+                    req.method, req.path, req.timestamp, req.nonce, body_sha256(req.body)
+                )
+            },
+        )
+    return caller
+
+
+@contextmanager
+def authenticated(
+    container: Container, req: SignedRequest, *, write: bool = True
+) -> Iterator[tuple[Connection, Caller]]:
+    """One transaction that authenticates the caller, records the nonce, and runs the handler.
+
+    The nonce commits with the handler's effect. If the handler refuses the request, the nonce
+    is still recorded (in its own small transaction) so the refused request cannot be replayed.
+    """
+    caller: Caller | None = None
+    window = container.settings.signature_window_s
+    try:
+        with container.db.connect(write=True) as conn:
+            caller = _authenticate(conn, container, req)
+            try:
+                resellers.remember_nonce(
+                    conn,
+                    credential_id=caller.credential_id,
+                    nonce=req.nonce,
+                    now=container.clock(),
+                    window_s=window,
+                )
+            except IntegrityError:
+                raise KamengError(ErrorCode.auth_nonce_reused) from None
+            yield conn, caller
+    except KamengError as exc:
+        if caller is not None and exc.code is not ErrorCode.auth_nonce_reused:
+            with suppress(IntegrityError), container.db.connect(write=True) as conn:
+                resellers.remember_nonce(
+                    conn,
+                    credential_id=caller.credential_id,
+                    nonce=req.nonce,
+                    now=container.clock(),
+                    window_s=window,
+                )
+        raise

@@ -1,0 +1,333 @@
+"""Reseller API v1: signed, idempotent, tenant-isolated. A thin edge over the services."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+
+from kameng.api import render
+from kameng.api.deps import ContainerDep, LanguageDep, SignedDep, authenticated
+from kameng.api.responses import JSON
+from kameng.api.schemas import (
+    BalanceOut,
+    CreateOrderRequest,
+    ErrorResponse,
+    LookupRequest,
+    OrderOut,
+    OrderPage,
+    ProductList,
+)
+from kameng.catalog import service as catalog
+from kameng.catalog.fields import validate_fields
+from kameng.errors import ErrorCode, KamengError
+from kameng.idempotency import service as idem
+from kameng.inventory import service as inventory
+from kameng.ledger import service as ledger
+from kameng.money import format_cents
+from kameng.orders import service as orders
+from kameng.orders.numbers import normalize_order_no
+from kameng.orders.state import Status
+from kameng.pricing import service as pricing
+from kameng.resellers import service as resellers
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 402, 404, 409, 422, 429)
+}
+router = APIRouter(prefix="/api/v1", default_response_class=JSON, responses=ERRORS)
+public = APIRouter(prefix="/api/v1", default_response_class=JSON, responses=ERRORS)
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", description="Required; 1-255 characters, one per new order"),
+]
+
+
+@router.get("/products", response_model=ProductList, tags=["catalog"])
+def list_products(req: SignedDep, container: ContainerDep, language: LanguageDep) -> Any:
+    with authenticated(container, req) as (conn, caller):
+        counts = inventory.available_counts(conn)
+    with container.db.unit_of_work(write=False) as session:
+        prices = pricing.prices_for_tier(session, tier_id=caller.tier_id)
+        out = []
+        for product in catalog.list_products(session):
+            skus = []
+            for sku in product.skus:
+                if not sku.enabled:
+                    continue
+                stock = counts.get(sku.id, 0) if product.delivery_kind == "card_key" else None
+                skus.append(
+                    {
+                        "sku": sku.code,
+                        "name": sku.name,
+                        "denomination": sku.denomination,
+                        "price": format_cents(prices[sku.id]),
+                        "currency": sku.currency,
+                        "available": stock is None or stock > 0,
+                        "stock": stock,
+                    }
+                )
+            out.append(
+                {
+                    "id": product.id,
+                    "slug": product.slug,
+                    "name": product.name,
+                    "category": product.category.name,
+                    "delivery_kind": product.delivery_kind,
+                    "min_quantity": product.min_quantity,
+                    "max_quantity": product.max_quantity,
+                    "fields": [
+                        {k: v for k, v in f.items() if k != "label_en" or language == "en"}
+                        for f in product.field_template
+                    ],
+                    "skus": skus,
+                }
+            )
+    return JSON({"products": out})
+
+
+@router.post("/orders", status_code=201, response_model=OrderOut, tags=["orders"])
+def create_order(
+    payload: CreateOrderRequest,
+    req: SignedDep,
+    container: ContainerDep,
+    language: LanguageDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    """Pay from balance and deliver at once from stock; short of stock the order waits in
+    `backordered` with the money held. Needs `Idempotency-Key`."""
+    key = idem.validate_key(idempotency_key)
+    req_hash = idem.request_hash(req.method, req.path.split("?")[0], req.body)
+    with (
+        container.inflight.hold(req.api_key, key),
+        authenticated(container, req) as (
+            conn,
+            caller,
+        ),
+    ):
+        idem.lock_across_processes(conn, scope=caller.scope, key=key)
+        stored = idem.find(conn, scope=caller.scope, key=key, req_hash=req_hash)
+        if stored is not None:
+            body = dict(stored.response)
+            keys: list[inventory.ClaimedKey] = []
+            sku_id = 0
+            if body.get("keys") is not None:
+                order = orders.find_order(
+                    conn, order_no=body["order_no"], reseller_id=caller.reseller_id
+                )
+                sku_id = order.sku_id
+                line = orders.order_line(conn, order_id=order.id)
+                keys = render.reveal_keys(
+                    conn,
+                    container,
+                    order=order,
+                    line=line,
+                    channel="idempotent_replay",
+                    actor=caller.actor,
+                )
+            replayed = True
+        else:
+            replayed = False
+            sku = container.sku(payload.sku)
+            if not sku.on_sale:
+                raise KamengError(ErrorCode.sku_disabled, sku=sku.code)
+            if not sku.min_quantity <= payload.quantity <= sku.max_quantity:
+                raise KamengError(
+                    ErrorCode.quantity_out_of_range, min=sku.min_quantity, max=sku.max_quantity
+                )
+            fields = validate_fields(list(sku.field_template), payload.fields)
+            unit_price = container.unit_price(tier_id=caller.tier_id, sku_id=sku.id)
+            wallet_id = resellers.reseller_wallet(conn, reseller_id=caller.reseller_id)
+            now = container.clock()
+            placed = orders.place_order(
+                conn,
+                buyer=orders.Buyer(caller.reseller_id, wallet_id, caller.actor),
+                cmd=orders.PlaceOrder(
+                    sku=sku,
+                    unit_price_cents=unit_price,
+                    quantity=payload.quantity,
+                    fields=fields,
+                    customer_ref=payload.customer_ref,
+                    confirm_duplicate=payload.confirm_duplicate,
+                ),
+                accounts=container.accounts,
+                vault=container.vault,
+                policy=container.policy,
+                now=now,
+            )
+            body = {
+                "order_no": placed.order_no,
+                "status": placed.status.value,
+                "status_text": render.status_text(placed.status.value, language),
+                "stage": placed.stage.value,
+                "reason": placed.reason,
+                "reason_text": render.reason_text(placed.reason, language),
+                "stage_since": render.iso(now),
+                "next_action_at": render.iso(placed.next_action_at),
+                "sla_deadline": render.iso(placed.sla_deadline),
+                "sku": sku.code,
+                "quantity": payload.quantity,
+                "unit_price": format_cents(unit_price),
+                "amount": format_cents(placed.amount_cents),
+                "currency": sku.currency,
+                "customer_ref": payload.customer_ref,
+                "fields": fields,
+                "created_at": render.iso(now),
+                "delivered_at": render.iso(now) if placed.status is Status.delivered else None,
+                "keys": [] if placed.keys else None,
+                "lookup_secret": placed.lookup_secret,
+            }
+            keys, sku_id = placed.keys, sku.id
+            if keys:
+                container.decryptor.preload(conn, {k.batch_id for k in keys})
+            idem.store(
+                conn,
+                scope=caller.scope,
+                key=key,
+                req_hash=req_hash,
+                status_code=201,
+                response=body,
+                now=now,
+            )
+    # Committed. Only now do plaintext keys exist, and only in this response.
+    if keys:
+        body = {**body, "keys": render.decrypt_all(container, sku_id, keys)}
+    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    return JSON(body, status_code=201, headers=headers)
+
+
+def _encode_cursor(order_id: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{order_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, _, value = raw.partition(":")
+        if prefix != "o" or not value.isdigit():
+            raise ValueError
+        return int(value)
+    except (ValueError, UnicodeDecodeError):
+        raise KamengError(ErrorCode.invalid_request, detail="bad cursor") from None
+
+
+@router.get("/orders", response_model=OrderPage, tags=["orders"])
+def list_orders(
+    req: SignedDep,
+    container: ContainerDep,
+    language: LanguageDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    status: Annotated[Status | None, Query()] = None,
+    sku: Annotated[str | None, Query(max_length=64)] = None,
+    customer_ref: Annotated[str | None, Query(max_length=128)] = None,
+    created_from: Annotated[datetime | None, Query()] = None,
+    created_to: Annotated[datetime | None, Query()] = None,
+) -> Any:
+    """Newest first. Keys are not included in lists: fetch one order to see its keys."""
+    before = _decode_cursor(cursor) if cursor else None
+    with authenticated(container, req) as (conn, caller):
+        sku_id = None
+        if sku:
+            sku_id = container.sku(sku).id
+        for value in (created_from, created_to):
+            if value is not None and value.tzinfo is None:
+                raise KamengError(ErrorCode.invalid_request, detail="dates need a timezone")
+        rows = orders.list_orders(
+            conn,
+            reseller_id=caller.reseller_id,
+            limit=limit + 1,
+            before_id=before,
+            status=status.value if status else None,
+            sku_id=sku_id,
+            customer_ref=customer_ref,
+            created_from=created_from,
+            created_to=created_to,
+        )
+        page = rows[:limit]
+        codes = render.sku_codes(conn, {r.sku_id for r in page})
+        bodies = []
+        for row in page:
+            line = orders.order_line(conn, order_id=row.id)
+            bodies.append(render.order_body(row, line, codes.get(row.sku_id, ""), language))
+    next_cursor = _encode_cursor(page[-1].id) if len(rows) > limit and page else None
+    return JSON({"orders": bodies, "next_cursor": next_cursor})
+
+
+@router.get("/orders/{order_no}", response_model=OrderOut, tags=["orders"])
+def get_order(order_no: str, req: SignedDep, container: ContainerDep, language: LanguageDep) -> Any:
+    """One order with its timeline, and its keys once delivered (each reveal is recorded)."""
+    with authenticated(container, req) as (conn, caller):
+        order = orders.find_order(
+            conn, order_no=normalize_order_no(order_no), reseller_id=caller.reseller_id
+        )
+        body, keys = render.full_order(
+            conn, container, order, language, channel="api_get", actor=caller.actor
+        )
+    if keys:
+        body["keys"] = render.decrypt_all(container, order.sku_id, keys)
+    return JSON(body)
+
+
+@router.post("/orders/{order_no}/cancel", response_model=OrderOut, tags=["orders"])
+def cancel_order(
+    order_no: str, req: SignedDep, container: ContainerDep, language: LanguageDep
+) -> Any:
+    """Cancel an order that has not been delivered: stock released, money back to balance.
+
+    Naturally idempotent: canceling a canceled order answers with the order as it is."""
+    with authenticated(container, req) as (conn, caller):
+        wallet_id = resellers.reseller_wallet(conn, reseller_id=caller.reseller_id)
+        normalized = normalize_order_no(order_no)
+        orders.cancel_order(
+            conn,
+            order_no=normalized,
+            reseller_id=caller.reseller_id,
+            wallet_id=wallet_id,
+            accounts=container.accounts,
+            actor=caller.actor,
+            reason="canceled_by_buyer",
+            now=container.clock(),
+        )
+        order = orders.find_order(conn, order_no=normalized, reseller_id=caller.reseller_id)
+        body, _ = render.full_order(
+            conn, container, order, language, channel="api_cancel", actor=caller.actor
+        )
+    return JSON(body)
+
+
+@router.get("/balance", response_model=BalanceOut, tags=["account"])
+def get_balance(req: SignedDep, container: ContainerDep) -> Any:
+    with authenticated(container, req) as (conn, caller):
+        wallet_id = resellers.reseller_wallet(conn, reseller_id=caller.reseller_id)
+        available, held = ledger.balances(conn, wallet_id=wallet_id)
+    return JSON(
+        {"available": format_cents(available), "held": format_cents(held), "currency": "CNY"}
+    )
+
+
+@public.post("/lookup", response_model=OrderOut, tags=["lookup"])
+def lookup_order(
+    payload: LookupRequest, request: Request, container: ContainerDep, language: LanguageDep
+) -> Any:
+    """Buyer lookup (查单) by order number and the secret given at purchase. Unsigned and
+    rate-limited per IP; a wrong secret and an unknown order give the same answer."""
+    client = request.client.host if request.client else "unknown"
+    request.app.state.lookup_limiter.check(client)
+    with container.db.connect() as conn:
+        order = orders.lookup(
+            conn,
+            order_no=normalize_order_no(payload.order_no),
+            secret=payload.secret,
+            vault=container.vault,
+        )
+        if order is None:
+            raise KamengError(ErrorCode.order_not_found)
+        body, keys = render.full_order(
+            conn, container, order, language, channel="lookup", actor=f"lookup:{client}"
+        )
+    if keys:
+        body["keys"] = render.decrypt_all(container, order.sku_id, keys)
+    return JSON(body)

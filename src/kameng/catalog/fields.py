@@ -1,0 +1,174 @@
+"""Buyer-field templates: what a product asks of the buyer, and field-level validation.
+
+A template is a list of field specs stored on the product. Validation is pure and returns every
+problem at once (so a buyer fixes the form in one go), each with a stable code and a message in
+both languages. Values are normalised (trimmed, phone numbers without separators) before they
+are stored, so the duplicate-order guard compares like with like.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from kameng.errors import ErrorCode, KamengError, field_error
+
+FIELD_TYPES = frozenset({"text", "select", "phone_cn", "qq", "email", "number"})
+_PHONE_CN = re.compile(r"^1[3-9]\d{9}$")
+_QQ = re.compile(r"^[1-9]\d{4,11}$")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[A-Za-z]{2,}$")
+MAX_FIELD_LEN = 256
+
+
+def validate_template(template: Any) -> list[dict[str, Any]]:
+    """Check a template given by staff; returns it normalised or raises invalid_field_template."""
+    if not isinstance(template, list):
+        raise KamengError(ErrorCode.invalid_field_template, detail="must be a list")
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for i, spec in enumerate(template):
+        if not isinstance(spec, dict):
+            raise KamengError(ErrorCode.invalid_field_template, detail=f"#{i} is not an object")
+        name = spec.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
+            raise KamengError(
+                ErrorCode.invalid_field_template, detail=f"#{i}: name must match [a-z][a-z0-9_]*"
+            )
+        if name in seen:
+            raise KamengError(ErrorCode.invalid_field_template, detail=f"duplicate field {name}")
+        seen.add(name)
+        ftype = spec.get("type", "text")
+        if ftype not in FIELD_TYPES:
+            raise KamengError(
+                ErrorCode.invalid_field_template,
+                detail=f"{name}: type must be one of {sorted(FIELD_TYPES)}",
+            )
+        options = spec.get("options")
+        if ftype == "select" and (
+            not isinstance(options, list)
+            or not options
+            or not all(isinstance(o, str) for o in options)
+        ):
+            raise KamengError(
+                ErrorCode.invalid_field_template, detail=f"{name}: select needs options"
+            )
+        pattern = spec.get("pattern")
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise KamengError(
+                    ErrorCode.invalid_field_template, detail=f"{name}: bad pattern ({exc})"
+                ) from None
+        out.append(
+            {
+                "name": name,
+                "type": ftype,
+                "label": str(spec.get("label", name)),
+                "label_en": str(spec.get("label_en", spec.get("label", name))),
+                "required": bool(spec.get("required", True)),
+                **({"options": list(options)} if ftype == "select" and options else {}),
+                **({"pattern": pattern} if pattern else {}),
+                **({"min_length": int(spec["min_length"])} if "min_length" in spec else {}),
+                **({"max_length": int(spec["max_length"])} if "max_length" in spec else {}),
+            }
+        )
+    return out
+
+
+def _check_one(spec: dict[str, Any], raw: Any) -> tuple[str | None, dict[str, str] | None]:
+    name, label, label_en = spec["name"], spec["label"], spec["label_en"]
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        raw = str(raw)
+    if not isinstance(raw, str):
+        return None, field_error(name, "type", f"{label} 须为文本", f"{label_en} must be text")
+    value = raw.strip()
+    if spec["type"] == "phone_cn":
+        value = re.sub(r"[\s-]", "", value)
+        if value.startswith("+86"):
+            value = value[3:]
+    if len(value) > MAX_FIELD_LEN:
+        return None, field_error(name, "too_long", f"{label} 过长", f"{label_en} is too long")
+    if not value:
+        return None, field_error(name, "required", f"请填写{label}", f"{label_en} is required")
+    ftype = spec["type"]
+    checks = {
+        "phone_cn": (
+            _PHONE_CN,
+            "格式不正确（须为 11 位大陆手机号）",
+            "is not a valid mainland China mobile",
+        ),
+        "qq": (_QQ, "格式不正确（须为 5-12 位 QQ 号）", "is not a valid QQ number"),
+        "email": (_EMAIL, "格式不正确（须为邮箱地址）", "is not a valid email address"),
+    }
+    if ftype in checks:
+        regex, zh, en = checks[ftype]
+        if not regex.fullmatch(value):
+            return None, field_error(name, "format", f"{label}{zh}", f"{label_en} {en}")
+    if ftype == "number" and not re.fullmatch(r"-?\d+(\.\d+)?", value):
+        return None, field_error(name, "format", f"{label}须为数字", f"{label_en} must be a number")
+    if ftype == "select" and value not in spec["options"]:
+        return None, field_error(
+            name,
+            "not_in_options",
+            f"{label}须为以下之一：{'、'.join(spec['options'])}",
+            f"{label_en} must be one of: {', '.join(spec['options'])}",
+        )
+    if "min_length" in spec and len(value) < spec["min_length"]:
+        return None, field_error(
+            name,
+            "too_short",
+            f"{label}至少 {spec['min_length']} 个字符",
+            f"{label_en} needs at least {spec['min_length']} characters",
+        )
+    if "max_length" in spec and len(value) > spec["max_length"]:
+        return None, field_error(
+            name,
+            "too_long",
+            f"{label}最多 {spec['max_length']} 个字符",
+            f"{label_en} allows at most {spec['max_length']} characters",
+        )
+    if "pattern" in spec and not re.fullmatch(spec["pattern"], value):
+        return None, field_error(
+            name, "format", f"{label}格式不正确", f"{label_en} has the wrong format"
+        )
+    return value, None
+
+
+def validate_fields(template: list[dict[str, Any]], given: Any) -> dict[str, str]:
+    """Validate buyer input against a template; raises invalid_fields listing every problem."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise KamengError(
+            ErrorCode.invalid_fields,
+            extra={"fields": [field_error("fields", "type", "须为对象", "must be an object")]},
+        )
+    known = {spec["name"] for spec in template}
+    errors: list[dict[str, str]] = [
+        field_error(name, "unknown", f"未知字段 {name}", f"unknown field {name}")
+        for name in given
+        if name not in known
+    ]
+    clean: dict[str, str] = {}
+    for spec in template:
+        raw = given.get(spec["name"])
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            if spec["required"]:
+                errors.append(
+                    field_error(
+                        spec["name"],
+                        "required",
+                        f"请填写{spec['label']}",
+                        f"{spec['label_en']} is required",
+                    )
+                )
+            continue
+        value, problem = _check_one(spec, raw)
+        if problem:
+            errors.append(problem)
+        elif value is not None:
+            clean[spec["name"]] = value
+    if errors:
+        raise KamengError(ErrorCode.invalid_fields, extra={"fields": errors})
+    return clean

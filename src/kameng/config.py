@@ -1,0 +1,81 @@
+"""One `Settings` object for the whole platform, read from `KAMENG_*` environment variables.
+
+Secrets (the app secret that keys HMACs and the master key that wraps card-key data keys) are
+never committed: when they are not given they are generated into the data directory on first
+start with mode 0600, so a fresh `make run` works and a restart keeps reading old stock.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KAMENG_", env_file=None, extra="ignore")
+
+    data_dir: Path = Field(default=Path("var"), description="Where the SQLite file and keys live")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/kameng.db"
+    )
+    app_secret: SecretStr | None = None
+    master_key: SecretStr | None = Field(
+        default=None, description="base64 32-byte key-encryption key for card keys"
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_language: str = "zh-CN"
+    signature_window_s: int = 300
+    duplicate_order_window_s: int = 600
+    backorder_retry_s: int = 60
+    default_sla_s: int = 1800
+    lookup_rate_per_minute: int = 20
+    db_pool_size: int = 4
+    sqlite_busy_timeout_ms: int = 5000
+    log_level: str = "INFO"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'kameng.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    def _secret_file(self, name: str, make: bytes) -> bytes:
+        """Read a secret from the data dir, creating it (0600) on first use."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        path = self.data_dir / name
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(base64.b64encode(make) + b"\n")
+        return base64.b64decode(path.read_bytes().strip())
+
+    @cached_property
+    def app_secret_bytes(self) -> bytes:
+        if self.app_secret is not None:
+            return self.app_secret.get_secret_value().encode()
+        return self._secret_file("app_secret.key", secrets.token_bytes(32))
+
+    @cached_property
+    def master_key_bytes(self) -> bytes:
+        if self.master_key is not None:
+            raw = base64.b64decode(self.master_key.get_secret_value())
+        else:
+            raw = self._secret_file("master.key", secrets.token_bytes(32))
+        if len(raw) != 32:
+            raise ValueError("KAMENG_MASTER_KEY must be 32 bytes, base64-encoded")
+        return raw
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,118 @@
+"""Composition root: builds the platform's long-lived parts once and hands them out.
+
+The web app, the CLI, tests and benchmarks all build a `Container`; nothing else constructs
+engines, vaults or caches, so there is exactly one place that decides how parts fit together.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from kameng.catalog import service as catalog
+from kameng.catalog.service import SkuInfo
+from kameng.config import Settings
+from kameng.db import Database, utcnow
+from kameng.idempotency.service import InFlight
+from kameng.inventory.service import KeyDecryptor
+from kameng.ledger import service as ledger
+from kameng.orders.service import Policy
+from kameng.pricing import service as pricing
+from kameng.resellers.service import Authenticator
+from kameng.security.crypto import Vault
+
+CATALOG_TTL_S = 2.0
+
+
+@dataclass
+class _Cached:
+    value: object
+    expires: float
+
+
+@dataclass
+class Container:
+    settings: Settings
+    db: Database
+    vault: Vault
+    clock: Callable[[], datetime] = utcnow
+    decryptor: KeyDecryptor = field(init=False)
+    authenticator: Authenticator = field(init=False)
+    inflight: InFlight = field(default_factory=InFlight)
+    policy: Policy = field(init=False)
+    _accounts: ledger.PlatformAccounts | None = None
+    _cache: dict[tuple[str, object], _Cached] = field(default_factory=dict)
+    _cache_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.decryptor = KeyDecryptor(self.vault)
+        self.authenticator = Authenticator(self.vault)
+        self.policy = Policy(
+            duplicate_window_s=self.settings.duplicate_order_window_s,
+            backorder_retry_s=self.settings.backorder_retry_s,
+            default_sla_s=self.settings.default_sla_s,
+        )
+
+    @classmethod
+    def build(cls, settings: Settings | None = None) -> Container:
+        settings = settings or Settings()
+        db = Database(
+            settings.resolved_database_url,
+            pool_size=settings.db_pool_size,
+            busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+        )
+        return cls(settings=settings, db=db, vault=Vault(settings.master_key_bytes))
+
+    @property
+    def accounts(self) -> ledger.PlatformAccounts:
+        """Platform account ids, created on first use (needs a migrated database)."""
+        if self._accounts is None:
+            with self.db.connect() as conn:
+                self._accounts = ledger.ensure_platform_accounts(conn)
+        return self._accounts
+
+    def bootstrap(self) -> None:
+        """Rows every installation needs: platform accounts and the default reseller tiers."""
+        _ = self.accounts
+        with self.db.unit_of_work() as session:
+            pricing.ensure_default_tiers(session)
+
+    def _cached(self, kind: str, key: object, load: Callable[[], object]) -> object:
+        now = time.monotonic()
+        hit = self._cache.get((kind, key))
+        if hit is not None and hit.expires > now:
+            return hit.value
+        value = load()
+        with self._cache_lock:
+            self._cache[(kind, key)] = _Cached(value, now + CATALOG_TTL_S)
+        return value
+
+    def sku(self, code: str) -> SkuInfo:
+        """SKU facts for the hot path; catalog edits show up within CATALOG_TTL_S seconds."""
+
+        def load() -> SkuInfo:
+            with self.db.unit_of_work(write=False) as session:
+                return catalog.get_sku_info(session, code=code)
+
+        value = self._cached("sku", code, load)
+        assert isinstance(value, SkuInfo)
+        return value
+
+    def unit_price(self, *, tier_id: int, sku_id: int) -> int:
+        def load() -> int:
+            with self.db.unit_of_work(write=False) as session:
+                return pricing.price_for(session, tier_id=tier_id, sku_id=sku_id)
+
+        value = self._cached("price", (tier_id, sku_id), load)
+        assert isinstance(value, int)
+        return value
+
+    def invalidate_caches(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+
+    def close(self) -> None:
+        self.db.dispose()

@@ -1,0 +1,202 @@
+"""Engine, declarative base and the unit of work — the only place a transaction commits.
+
+SQLite (embedded default) is configured for money: WAL, synchronous=FULL, a busy timeout, and
+write transactions begun with BEGIN IMMEDIATE so two writers never deadlock on a lock upgrade.
+SQLite has one writer at a time; waiting on its busy handler starves some callers (p99 in
+seconds), so writes are also serialised by a process-wide lock plus an `flock` on a file beside
+the database, which queues fairly across threads and across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, Engine, Integer, MetaData, Table, create_engine, event
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def table(model: type[Base]) -> Table:
+    """The Core table of a mapped class, typed as a Table for prebuilt Core statements."""
+    result = model.__table__
+    assert isinstance(result, Table)
+    return result
+
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL wants BIGINT ids for large tables.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both backends (SQLite stores naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        if dialect.name == "sqlite":
+            return value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class WriteLock:
+    """Serialises SQLite writers within the process (threading) and across processes (flock)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._thread_lock = threading.Lock()
+        self._owner: int | None = None
+        self._path = path
+        self._fd: int | None = None
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        if self._owner == threading.get_ident():
+            # A second write transaction opened inside the first would wait for itself forever.
+            raise RuntimeError("nested write transaction on SQLite")
+        with self._thread_lock:
+            self._owner = threading.get_ident()
+            try:
+                if self._path is None:
+                    yield
+                    return
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                self._owner = None
+
+
+class Database:
+    """An engine plus the write discipline its backend needs."""
+
+    def __init__(self, url: str, *, pool_size: int = 4, busy_timeout_ms: int = 5000) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            self.engine = _sqlite_engine(url, busy_timeout_ms)
+            db_path = self.engine.url.database
+            lock_path = Path(f"{db_path}.writelock") if db_path and db_path != ":memory:" else None
+            self.write_lock = WriteLock(lock_path)
+        else:
+            self.engine = create_engine(
+                url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=False,
+                pool_recycle=3600,
+            )
+            self.write_lock = WriteLock(None)
+        self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False, autoflush=True)
+        self._read_engine = self.engine.execution_options(kameng_begin="DEFERRED")
+
+    @contextlib.contextmanager
+    def unit_of_work(self, *, write: bool = True) -> Iterator[Session]:
+        """One transaction. Commits when the block ends, rolls back on any exception.
+
+        Services receive the session and never commit; this is the single commit point.
+        """
+        if self.is_sqlite and write:
+            with self.write_lock.hold(), self._session(write=True) as session:
+                yield session
+        else:
+            with self._session(write=write) as session:
+                yield session
+
+    @contextlib.contextmanager
+    def _session(self, *, write: bool) -> Iterator[Session]:
+        session = self._sessions(bind=self.engine if write else self._read_engine)
+        try:
+            yield session
+            if write:
+                session.commit()
+            else:
+                session.rollback()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    @contextlib.contextmanager
+    def connect(self, *, write: bool = True) -> Iterator[Connection]:
+        """A Core connection in one transaction — the order hot path uses this."""
+        if self.is_sqlite and write:
+            with self.write_lock.hold(), self.engine.begin() as conn:
+                yield conn
+        else:
+            with (self.engine if write else self._read_engine).begin() as conn:
+                yield conn
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_engine(url: str, busy_timeout_ms: int) -> Engine:
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "isolation_level": None},
+        pool_size=8,
+        max_overflow=8,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA cache_size=-65536")
+        cur.execute("PRAGMA temp_store=MEMORY")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("kameng_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc)).lower()
+    return "unique" in text or "duplicate key" in text

@@ -1,0 +1,244 @@
+"""Stable error codes with human messages in zh-CN and en.
+
+Every refusal the platform gives — over HTTP, in the CLI, in a test — is a `KamengError` with a
+code from `ErrorCode`. Codes are a public contract (resellers branch on them), so they are only
+ever added, never renamed. Messages are templates filled from `params`; they never include card
+keys, secrets or anything else a caller did not already know.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorCode(StrEnum):
+    # request / protocol
+    invalid_request = "invalid_request"
+    not_found = "not_found"
+    method_not_allowed = "method_not_allowed"
+    internal_error = "internal_error"
+    rate_limited = "rate_limited"
+    # signing
+    auth_missing = "auth_missing"
+    auth_invalid_key = "auth_invalid_key"
+    auth_key_revoked = "auth_key_revoked"
+    auth_bad_signature = "auth_bad_signature"
+    auth_timestamp_out_of_window = "auth_timestamp_out_of_window"
+    auth_nonce_reused = "auth_nonce_reused"
+    # idempotency
+    idempotency_key_required = "idempotency_key_required"
+    idempotency_key_invalid = "idempotency_key_invalid"
+    idempotency_key_reused = "idempotency_key_reused"
+    idempotency_in_flight = "idempotency_in_flight"
+    # catalog / orders
+    sku_not_found = "sku_not_found"
+    sku_disabled = "sku_disabled"
+    quantity_out_of_range = "quantity_out_of_range"
+    invalid_fields = "invalid_fields"
+    insufficient_balance = "insufficient_balance"
+    duplicate_order_suspected = "duplicate_order_suspected"
+    order_not_found = "order_not_found"
+    order_not_cancelable = "order_not_cancelable"
+    invalid_transition = "invalid_transition"
+    concurrent_update = "concurrent_update"
+    price_below_cost = "price_below_cost"
+    # admin
+    already_exists = "already_exists"
+    invalid_amount = "invalid_amount"
+    reseller_not_found = "reseller_not_found"
+    tier_not_found = "tier_not_found"
+    product_not_found = "product_not_found"
+    invalid_field_template = "invalid_field_template"
+
+
+MESSAGES: dict[ErrorCode, tuple[str, str]] = {
+    ErrorCode.invalid_request: ("请求无效：{detail}", "Invalid request: {detail}"),
+    ErrorCode.not_found: ("找不到该资源", "Resource not found"),
+    ErrorCode.method_not_allowed: ("不支持该请求方法", "Method not allowed"),
+    ErrorCode.internal_error: (
+        "服务器内部错误，请稍后重试（请求号 {request_id}）",
+        "Internal error, please retry later (request {request_id})",
+    ),
+    ErrorCode.rate_limited: (
+        "请求过于频繁，请 {retry_after} 秒后再试",
+        "Too many requests, retry in {retry_after} s",
+    ),
+    ErrorCode.auth_missing: (
+        "缺少签名头：{headers}",
+        "Missing signature headers: {headers}",
+    ),
+    ErrorCode.auth_invalid_key: ("API Key 无效", "Unknown API key"),
+    ErrorCode.auth_key_revoked: ("API Key 已被吊销", "API key has been revoked"),
+    ErrorCode.auth_bad_signature: (
+        "签名校验失败，请检查密钥与待签名串",
+        "Signature mismatch: check the secret and the string to sign",
+    ),
+    ErrorCode.auth_timestamp_out_of_window: (
+        "时间戳超出允许范围（±{window} 秒），请校准时钟",
+        "Timestamp outside the allowed window (±{window} s); check your clock",
+    ),
+    ErrorCode.auth_nonce_reused: (
+        "Nonce 已使用过，疑似重放请求",
+        "Nonce already used: the request looks like a replay",
+    ),
+    ErrorCode.idempotency_key_required: (
+        "该请求需要 Idempotency-Key 头",
+        "This request needs an Idempotency-Key header",
+    ),
+    ErrorCode.idempotency_key_invalid: (
+        "Idempotency-Key 须为 1 至 255 个可见字符",
+        "Idempotency-Key must be 1 to 255 visible characters",
+    ),
+    ErrorCode.idempotency_key_reused: (
+        "该 Idempotency-Key 已用于另一个不同的请求",
+        "This Idempotency-Key was already used with a different request body",
+    ),
+    ErrorCode.idempotency_in_flight: (
+        "使用该 Idempotency-Key 的请求仍在处理中，请稍后重试",
+        "A request with this Idempotency-Key is still being processed; retry shortly",
+    ),
+    ErrorCode.sku_not_found: ("商品规格 {sku} 不存在", "SKU {sku} does not exist"),
+    ErrorCode.sku_disabled: ("商品规格 {sku} 已下架", "SKU {sku} is not on sale"),
+    ErrorCode.quantity_out_of_range: (
+        "购买数量须在 {min} 至 {max} 之间",
+        "Quantity must be between {min} and {max}",
+    ),
+    ErrorCode.invalid_fields: (
+        "下单信息有误，请检查标出的字段",
+        "Some order fields are invalid; see the listed fields",
+    ),
+    ErrorCode.insufficient_balance: (
+        "余额不足：需要 {needed}，可用 {available}",
+        "Insufficient balance: {needed} needed, {available} available",
+    ),
+    ErrorCode.duplicate_order_suspected: (
+        "疑似重复下单：{minutes} 分钟内已有相同订单 {order_no}。"
+        "如确需再次购买，请带上 confirm_duplicate=true 重新提交",
+        "Possible duplicate: order {order_no} for the same item and details was placed in the "
+        "last {minutes} minutes. Resend with confirm_duplicate=true to buy again",
+    ),
+    ErrorCode.order_not_found: ("订单不存在", "Order not found"),
+    ErrorCode.order_not_cancelable: (
+        "订单当前状态（{status}）不可取消",
+        "The order cannot be canceled in its current status ({status})",
+    ),
+    ErrorCode.invalid_transition: (
+        "订单不能从 {from_status} 变为 {to_status}",
+        "An order cannot move from {from_status} to {to_status}",
+    ),
+    ErrorCode.concurrent_update: (
+        "订单已被其他操作更新，请刷新后重试",
+        "The order was changed by another action; reload and retry",
+    ),
+    ErrorCode.price_below_cost: (
+        "售价 {price} 低于成本 {cost}，需明确允许",
+        "Price {price} is below cost {cost}; it must be explicitly allowed",
+    ),
+    ErrorCode.already_exists: ("{what} 已存在", "{what} already exists"),
+    ErrorCode.invalid_amount: ("金额无效：{detail}", "Invalid amount: {detail}"),
+    ErrorCode.reseller_not_found: ("代理商 {name} 不存在", "Reseller {name} does not exist"),
+    ErrorCode.tier_not_found: ("等级 {tier} 不存在", "Tier {tier} does not exist"),
+    ErrorCode.product_not_found: ("商品 {product} 不存在", "Product {product} does not exist"),
+    ErrorCode.invalid_field_template: (
+        "下单字段模板无效：{detail}",
+        "Invalid buyer-field template: {detail}",
+    ),
+}
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.invalid_request: 400,
+    ErrorCode.not_found: 404,
+    ErrorCode.method_not_allowed: 405,
+    ErrorCode.internal_error: 500,
+    ErrorCode.rate_limited: 429,
+    ErrorCode.auth_missing: 401,
+    ErrorCode.auth_invalid_key: 401,
+    ErrorCode.auth_key_revoked: 401,
+    ErrorCode.auth_bad_signature: 401,
+    ErrorCode.auth_timestamp_out_of_window: 401,
+    ErrorCode.auth_nonce_reused: 401,
+    ErrorCode.idempotency_key_required: 400,
+    ErrorCode.idempotency_key_invalid: 400,
+    ErrorCode.idempotency_key_reused: 422,
+    ErrorCode.idempotency_in_flight: 409,
+    ErrorCode.sku_not_found: 404,
+    ErrorCode.sku_disabled: 409,
+    ErrorCode.quantity_out_of_range: 422,
+    ErrorCode.invalid_fields: 422,
+    ErrorCode.insufficient_balance: 402,
+    ErrorCode.duplicate_order_suspected: 409,
+    ErrorCode.order_not_found: 404,
+    ErrorCode.order_not_cancelable: 409,
+    ErrorCode.invalid_transition: 409,
+    ErrorCode.concurrent_update: 409,
+    ErrorCode.price_below_cost: 422,
+    ErrorCode.already_exists: 409,
+    ErrorCode.invalid_amount: 422,
+    ErrorCode.reseller_not_found: 404,
+    ErrorCode.tier_not_found: 404,
+    ErrorCode.product_not_found: 404,
+    ErrorCode.invalid_field_template: 422,
+}
+
+
+def normalize_language(accept_language: str | None, default: str = "zh-CN") -> str:
+    """Pick zh-CN or en from an Accept-Language header (q-values honoured, zh-CN default)."""
+    if not accept_language:
+        return default
+    best: tuple[float, str] | None = None
+    for part in accept_language.split(","):
+        tag, _, q = part.strip().partition(";q=")
+        tag = tag.strip().lower()
+        try:
+            weight = float(q) if q else 1.0
+        except ValueError:
+            weight = 0.0
+        lang = "en" if tag.startswith("en") else "zh-CN" if tag.startswith("zh") else None
+        if lang and (best is None or weight > best[0]):
+            best = (weight, lang)
+    return best[1] if best else default
+
+
+class KamengError(Exception):
+    """A refusal with a stable code. `extra` is merged into the JSON error object."""
+
+    def __init__(
+        self, code: ErrorCode, *, extra: dict[str, Any] | None = None, **params: Any
+    ) -> None:
+        self.code = code
+        self.params = params
+        self.extra = extra or {}
+        super().__init__(self.message("en"))
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 400)
+
+    def message(self, language: str = "zh-CN") -> str:
+        zh, en = MESSAGES[self.code]
+        template = en if language == "en" else zh
+        try:
+            return template.format(**self.params)
+        except (KeyError, IndexError):
+            return template
+
+    def to_dict(self, language: str = "zh-CN") -> dict[str, Any]:
+        body: dict[str, Any] = {"code": str(self.code), "message": self.message(language)}
+        body.update(self.extra)
+        if isinstance(body.get("fields"), list):
+            body["fields"] = [_localize_field(f, language) for f in body["fields"]]
+        return {"error": body}
+
+
+def _localize_field(problem: Any, language: str) -> Any:
+    if not isinstance(problem, dict) or "message_zh" not in problem:
+        return problem
+    out = {k: v for k, v in problem.items() if k not in ("message_zh", "message_en")}
+    out["message"] = problem["message_en"] if language == "en" else problem["message_zh"]
+    return out
+
+
+def field_error(field: str, code: str, zh: str, en: str) -> dict[str, str]:
+    """One field-level problem; both languages are kept until the edge picks one."""
+    return {"field": field, "code": code, "message_zh": zh, "message_en": en}

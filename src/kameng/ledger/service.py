@@ -1,0 +1,333 @@
+"""Ledger actions: post balanced transactions, place/capture/void holds, top up wallets.
+
+Everything here takes a Core `Connection` that is already inside the caller's transaction and
+never commits. Posting locks accounts in one global order (descending id: wallets before the
+platform's few busy accounts), so two transactions touching the same accounts never deadlock
+and the busiest rows are held for the shortest time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy.engine import Connection
+
+from kameng.db import table
+from kameng.errors import ErrorCode, KamengError
+from kameng.ledger.models import Account, AccountKind, Entry, Hold, HoldState, LedgerTransaction
+from kameng.money import format_cents
+
+_acc = table(Account)
+_txn = table(LedgerTransaction)
+_entry = table(Entry)
+_hold = table(Hold)
+
+PLATFORM_ACCOUNTS: dict[AccountKind, bool] = {
+    AccountKind.revenue: False,
+    AccountKind.holds: False,
+    AccountKind.funding: True,  # mirrors money received outside the platform
+    AccountKind.gateway_clearing: True,
+    AccountKind.refunds: True,
+}
+
+# Prebuilt statements: building Core statements costs more than running them on SQLite.
+_MOVE = (
+    update(_acc)
+    .where(
+        _acc.c.id == bindparam("acc_id"),
+        or_(_acc.c.allow_negative, _acc.c.balance_cents + bindparam("amt") >= 0),
+    )
+    .values(
+        balance_cents=_acc.c.balance_cents + bindparam("amt"),
+        version=_acc.c.version + 1,
+    )
+    .returning(_acc.c.balance_cents, _acc.c.version)
+)
+_INSERT_TXN = insert(_txn).returning(_txn.c.id)
+_INSERT_ENTRY = insert(_entry)
+
+
+class InsufficientFunds(KamengError):
+    def __init__(self, *, needed: int, available: int) -> None:
+        super().__init__(
+            ErrorCode.insufficient_balance,
+            needed=format_cents(needed),
+            available=format_cents(available),
+            extra={"needed": format_cents(needed), "available": format_cents(available)},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformAccounts:
+    revenue: int
+    holds: int
+    funding: int
+    gateway_clearing: int
+    refunds: int
+
+
+def ensure_platform_accounts(conn: Connection, currency: str = "CNY") -> PlatformAccounts:
+    ids: dict[str, int] = {}
+    for kind, allow_negative in PLATFORM_ACCOUNTS.items():
+        ids[kind.value] = ensure_account(
+            conn,
+            kind=kind,
+            owner_type="platform",
+            owner_id=0,
+            currency=currency,
+            allow_negative=allow_negative,
+        )
+    return PlatformAccounts(**ids)
+
+
+def ensure_account(
+    conn: Connection,
+    *,
+    kind: AccountKind,
+    owner_type: str,
+    owner_id: int,
+    currency: str = "CNY",
+    allow_negative: bool = False,
+) -> int:
+    where = and_(
+        _acc.c.kind == kind.value,
+        _acc.c.owner_type == owner_type,
+        _acc.c.owner_id == owner_id,
+        _acc.c.currency == currency,
+    )
+    existing = conn.execute(select(_acc.c.id).where(where)).scalar()
+    if existing is not None:
+        return int(existing)
+    result = conn.execute(
+        insert(_acc)
+        .values(
+            kind=kind.value,
+            owner_type=owner_type,
+            owner_id=owner_id,
+            currency=currency,
+            balance_cents=0,
+            version=0,
+            allow_negative=allow_negative,
+            created_at=datetime.now().astimezone(),
+        )
+        .returning(_acc.c.id)
+    )
+    return int(result.scalar_one())
+
+
+def wallet_account(conn: Connection, *, owner_type: str, owner_id: int) -> int:
+    return ensure_account(conn, kind=AccountKind.wallet, owner_type=owner_type, owner_id=owner_id)
+
+
+def post(
+    conn: Connection,
+    *,
+    kind: str,
+    legs: list[tuple[int, int]],
+    now: datetime,
+    ref_type: str = "",
+    ref_id: int = 0,
+    actor: str = "system",
+    memo: str = "",
+) -> int:
+    """Write one balanced transaction. Raises InsufficientFunds if a wallet would go negative."""
+    if len(legs) < 2 or sum(a for _, a in legs) != 0 or any(a == 0 for _, a in legs):
+        raise ValueError(f"unbalanced or empty legs: {legs}")
+    txn_id = int(
+        conn.execute(
+            _INSERT_TXN,
+            {
+                "kind": kind,
+                "ref_type": ref_type,
+                "ref_id": ref_id,
+                "actor": actor,
+                "memo": memo,
+                "created_at": now,
+            },
+        ).scalar_one()
+    )
+    rows = []
+    for account_id, amount in sorted(legs, key=lambda leg: -leg[0]):
+        moved = conn.execute(_MOVE, {"acc_id": account_id, "amt": amount}).first()
+        if moved is None:
+            available = conn.execute(
+                select(_acc.c.balance_cents).where(_acc.c.id == account_id)
+            ).scalar()
+            raise InsufficientFunds(needed=-amount, available=int(available or 0))
+        rows.append(
+            {
+                "transaction_id": txn_id,
+                "account_id": account_id,
+                "amount_cents": amount,
+                "balance_after_cents": moved[0],
+                "account_version": moved[1],
+                "created_at": now,
+            }
+        )
+    conn.execute(_INSERT_ENTRY, rows)
+    return txn_id
+
+
+def place_hold(
+    conn: Connection,
+    *,
+    wallet_id: int,
+    holds_account: int,
+    amount: int,
+    ref_type: str,
+    ref_id: int,
+    now: datetime,
+    actor: str = "system",
+) -> int:
+    txn_id = post(
+        conn,
+        kind="hold",
+        legs=[(wallet_id, -amount), (holds_account, amount)],
+        now=now,
+        ref_type=ref_type,
+        ref_id=ref_id,
+        actor=actor,
+    )
+    result = conn.execute(
+        insert(_hold)
+        .values(
+            account_id=wallet_id,
+            amount_cents=amount,
+            state=HoldState.pending.value,
+            ref_type=ref_type,
+            ref_id=ref_id,
+            place_txn_id=txn_id,
+            created_at=now,
+            details={},
+        )
+        .returning(_hold.c.id)
+    )
+    return int(result.scalar_one())
+
+
+def _resolve_hold(
+    conn: Connection,
+    *,
+    hold_id: int,
+    to_state: HoldState,
+    counter_account: int,
+    holds_account: int,
+    now: datetime,
+    actor: str,
+    memo: str,
+) -> int:
+    """Capture or void a pending hold exactly once (compare-and-set on its state)."""
+    hold = conn.execute(
+        select(_hold.c.amount_cents, _hold.c.state, _hold.c.ref_type, _hold.c.ref_id).where(
+            _hold.c.id == hold_id
+        )
+    ).first()
+    if hold is None or hold.state != HoldState.pending.value:
+        raise KamengError(
+            ErrorCode.invalid_transition,
+            from_status=f"hold:{hold.state if hold else 'missing'}",
+            to_status=f"hold:{to_state.value}",
+        )
+    txn_id = post(
+        conn,
+        kind="capture" if to_state is HoldState.captured else "void",
+        legs=[(holds_account, -hold.amount_cents), (counter_account, hold.amount_cents)],
+        now=now,
+        ref_type=hold.ref_type,
+        ref_id=hold.ref_id,
+        actor=actor,
+        memo=memo,
+    )
+    changed = conn.execute(
+        update(_hold)
+        .where(_hold.c.id == hold_id, _hold.c.state == HoldState.pending.value)
+        .values(state=to_state.value, resolve_txn_id=txn_id, resolved_at=now)
+    ).rowcount
+    if changed != 1:
+        raise KamengError(ErrorCode.concurrent_update)
+    return txn_id
+
+
+def capture_hold(
+    conn: Connection,
+    *,
+    hold_id: int,
+    accounts: PlatformAccounts,
+    now: datetime,
+    actor: str = "system",
+) -> int:
+    return _resolve_hold(
+        conn,
+        hold_id=hold_id,
+        to_state=HoldState.captured,
+        counter_account=accounts.revenue,
+        holds_account=accounts.holds,
+        now=now,
+        actor=actor,
+        memo="",
+    )
+
+
+def void_hold(
+    conn: Connection,
+    *,
+    hold_id: int,
+    wallet_id: int,
+    accounts: PlatformAccounts,
+    now: datetime,
+    actor: str = "system",
+    memo: str = "",
+) -> int:
+    return _resolve_hold(
+        conn,
+        hold_id=hold_id,
+        to_state=HoldState.voided,
+        counter_account=wallet_id,
+        holds_account=accounts.holds,
+        now=now,
+        actor=actor,
+        memo=memo,
+    )
+
+
+def topup(
+    conn: Connection,
+    *,
+    wallet_id: int,
+    accounts: PlatformAccounts,
+    amount: int,
+    now: datetime,
+    actor: str,
+    memo: str = "",
+) -> int:
+    if amount <= 0:
+        raise KamengError(ErrorCode.invalid_amount, detail="must be positive")
+    return post(
+        conn,
+        kind="topup",
+        legs=[(accounts.funding, -amount), (wallet_id, amount)],
+        now=now,
+        ref_type="wallet",
+        ref_id=wallet_id,
+        actor=actor,
+        memo=memo,
+    )
+
+
+def balances(conn: Connection, *, wallet_id: int) -> tuple[int, int]:
+    """(available, held) for a wallet."""
+    available = conn.execute(
+        select(_acc.c.balance_cents).where(_acc.c.id == wallet_id)
+    ).scalar_one()
+    held = (
+        conn.execute(
+            select(_hold.c.amount_cents).where(
+                _hold.c.account_id == wallet_id, _hold.c.state == HoldState.pending.value
+            )
+        )
+        .scalars()
+        .all()
+    )
+    return int(available), int(sum(held))

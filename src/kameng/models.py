@@ -1,0 +1,34 @@
+"""Imports every domain's tables so metadata (and Alembic) sees the whole schema."""
+
+from kameng.audit.models import AuditEntry
+from kameng.catalog.models import Category, Product, Sku
+from kameng.idempotency.models import IdempotencyRecord
+from kameng.inventory.models import CardKey, KeyReveal, StockBatch
+from kameng.ledger.models import Account, Entry, Hold, LedgerTransaction
+from kameng.orders.models import Delivery, Order, OrderEvent, OrderLine
+from kameng.pricing.models import Tier, TierPrice
+from kameng.resellers.models import ApiCredential, ApiNonce, Reseller
+
+__all__ = [
+    "Account",
+    "ApiCredential",
+    "ApiNonce",
+    "AuditEntry",
+    "CardKey",
+    "Category",
+    "Delivery",
+    "Entry",
+    "Hold",
+    "IdempotencyRecord",
+    "KeyReveal",
+    "LedgerTransaction",
+    "Order",
+    "OrderEvent",
+    "OrderLine",
+    "Product",
+    "Reseller",
+    "Sku",
+    "StockBatch",
+    "Tier",
+    "TierPrice",
+]

@@ -1,0 +1,524 @@
+"""Order use cases: place (the hot path), cancel, read, list, buyer lookup.
+
+Placing an order is one short write transaction built from prebuilt Core statements:
+duplicate guard -> order + line -> claim keys -> events -> reveal audit -> ledger (last, since
+balance rows are the busiest). Either everything commits or nothing does; plaintext keys are
+decrypted only after the commit and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, select, text, update
+from sqlalchemy.engine import Connection
+
+from kameng.catalog.models import DeliveryKind
+from kameng.catalog.service import SkuInfo
+from kameng.db import table
+from kameng.errors import ErrorCode, KamengError
+from kameng.inventory import service as inventory
+from kameng.ledger import service as ledger
+from kameng.ledger.models import Account
+from kameng.orders.models import Delivery, Order, OrderEvent, OrderLine
+from kameng.orders.numbers import new_lookup_secret, new_order_no
+from kameng.orders.state import (
+    CANCELABLE,
+    NOT_A_DUPLICATE,
+    Stage,
+    Status,
+    check_transition,
+)
+from kameng.security.crypto import Vault
+
+_order = table(Order)
+_line = table(OrderLine)
+_event = table(OrderEvent)
+_delivery = table(Delivery)
+_acc = table(Account)
+
+_INSERT_ORDER = insert(_order).returning(_order.c.id)
+_INSERT_LINE = insert(_line).returning(_line.c.id)
+_INSERT_EVENT = insert(_event)
+_INSERT_DELIVERY = insert(_delivery)
+_FINISH_ORDER = (
+    update(_order)
+    .where(_order.c.id == bindparam("oid"))
+    .values(
+        status=bindparam("status"),
+        stage=bindparam("stage"),
+        reason=bindparam("reason"),
+        next_action_at=bindparam("next_action_at"),
+        sla_deadline=bindparam("sla_deadline"),
+        hold_id=bindparam("hold_id"),
+        delivered_at=bindparam("delivered_at"),
+        version=_order.c.version + 1,
+    )
+)
+_WALLET_BALANCE = select(_acc.c.balance_cents).where(_acc.c.id == bindparam("acc_id"))
+_NOT_DUPLICATE = sorted(s.value for s in NOT_A_DUPLICATE)
+_RECENT_DUPLICATE = text(
+    "SELECT order_no FROM orders WHERE dedupe_key = :k AND created_at >= :since "
+    f"AND status NOT IN ({', '.join(repr(s) for s in _NOT_DUPLICATE)}) "
+    "ORDER BY id DESC LIMIT 1"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Buyer:
+    """Who pays: a reseller (API) today; members and guests arrive with payments."""
+
+    reseller_id: int
+    wallet_id: int
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    duplicate_window_s: int = 600
+    backorder_retry_s: int = 60
+    default_sla_s: int = 1800
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceOrder:
+    sku: SkuInfo
+    unit_price_cents: int
+    quantity: int
+    fields: dict[str, str]
+    customer_ref: str = ""
+    confirm_duplicate: bool = False
+    channel: str = "api"
+
+
+@dataclass
+class Placed:
+    order_id: int
+    order_no: str
+    line_id: int
+    status: Status
+    stage: Stage
+    reason: str
+    amount_cents: int
+    lookup_secret: str
+    created_at: datetime
+    next_action_at: datetime | None
+    sla_deadline: datetime | None
+    keys: list[inventory.ClaimedKey] = field(default_factory=list)
+
+
+def dedupe_key(
+    *, reseller_id: int, customer_ref: str, sku_id: int, fields: dict[str, str]
+) -> bytes:
+    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(f"{reseller_id}|{customer_ref}|{sku_id}|{canonical}".encode()).digest()
+
+
+def _guard_duplicates(conn: Connection, key: bytes, now: datetime, window_s: int) -> None:
+    if conn.dialect.name == "postgresql":
+        # Two clicks of the same button arrive together: serialise them on the guard's key so
+        # the second sees the first instead of both passing the check.
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(:k)"),
+            {"k": int.from_bytes(key[:8], "big", signed=True)},
+        )
+    since = inventory.db_time(conn, now - timedelta(seconds=window_s))
+    earlier = conn.execute(_RECENT_DUPLICATE, {"k": key, "since": since}).scalar()
+    if earlier is not None:
+        raise KamengError(
+            ErrorCode.duplicate_order_suspected,
+            order_no=earlier,
+            minutes=window_s // 60,
+            extra={"existing_order_no": earlier},
+        )
+
+
+def _event_row(
+    order_id: int,
+    from_status: Status | None,
+    to_status: Status,
+    stage: Stage | None,
+    reason: str,
+    actor: str,
+    now: datetime,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    move = check_transition(from_status, to_status, stage)
+    return {
+        "order_id": order_id,
+        "from_status": move.from_status.value if move.from_status else None,
+        "to_status": move.to_status.value,
+        "stage": move.stage.value,
+        "reason": reason,
+        "actor": actor,
+        "details": details or {},
+        "at": now,
+    }
+
+
+def place_order(
+    conn: Connection,
+    *,
+    buyer: Buyer,
+    cmd: PlaceOrder,
+    accounts: ledger.PlatformAccounts,
+    vault: Vault,
+    policy: Policy,
+    now: datetime,
+) -> Placed:
+    sku = cmd.sku
+    amount = cmd.unit_price_cents * cmd.quantity
+    key = dedupe_key(
+        reseller_id=buyer.reseller_id,
+        customer_ref=cmd.customer_ref,
+        sku_id=sku.id,
+        fields=cmd.fields,
+    )
+    if not cmd.confirm_duplicate:
+        _guard_duplicates(conn, key, now, policy.duplicate_window_s)
+    # Cheap early refusal so a buyer without funds never locks stock, even briefly.
+    available = int(conn.execute(_WALLET_BALANCE, {"acc_id": buyer.wallet_id}).scalar_one())
+    if available < amount:
+        raise ledger.InsufficientFunds(needed=amount, available=available)
+
+    order_no = new_order_no(now)
+    lookup_secret = new_lookup_secret()
+    order_id = int(
+        conn.execute(
+            _INSERT_ORDER,
+            {
+                "order_no": order_no,
+                "channel": cmd.channel,
+                "reseller_id": buyer.reseller_id,
+                "customer_ref": cmd.customer_ref,
+                "sku_id": sku.id,
+                "status": Status.paid.value,
+                "stage": Stage.payment_received.value,
+                "reason": "paid_from_balance",
+                "stage_since": now,
+                "next_action_at": None,
+                "sla_deadline": None,
+                "attempts": 0,
+                "version": 1,
+                "currency": sku.currency,
+                "amount_cents": amount,
+                "paid_cents": amount,
+                "refunded_cents": 0,
+                "hold_id": None,
+                "dedupe_key": key,
+                "lookup_hash": vault.lookup_hash(order_no, lookup_secret),
+                "created_at": now,
+                "updated_at": now,
+                "delivered_at": None,
+            },
+        ).scalar_one()
+    )
+    line_id = int(
+        conn.execute(
+            _INSERT_LINE,
+            {
+                "order_id": order_id,
+                "sku_id": sku.id,
+                "quantity": cmd.quantity,
+                "unit_price_cents": cmd.unit_price_cents,
+                "fields": cmd.fields,
+            },
+        ).scalar_one()
+    )
+    events = [_event_row(order_id, None, Status.paid, None, "paid_from_balance", buyer.actor, now)]
+    claimed: list[inventory.ClaimedKey] | None = None
+    if sku.delivery_kind == DeliveryKind.card_key.value:
+        claimed = inventory.claim(
+            conn, sku_id=sku.id, quantity=cmd.quantity, line_id=line_id, now=now
+        )
+
+    next_action_at: datetime | None = None
+    sla_deadline: datetime | None = None
+    hold_id: int | None = None
+    if claimed is not None:
+        status, stage, reason = Status.delivered, Stage.delivered, "own_stock"
+        events.append(
+            _event_row(
+                order_id,
+                Status.paid,
+                Status.fulfilling,
+                Stage.allocating,
+                "allocating_own_stock",
+                "system",
+                now,
+            )
+        )
+        events.append(
+            _event_row(
+                order_id,
+                Status.fulfilling,
+                Status.delivered,
+                None,
+                reason,
+                "system",
+                now,
+                {"keys": len(claimed)},
+            )
+        )
+        conn.execute(
+            _INSERT_DELIVERY,
+            {
+                "order_line_id": line_id,
+                "source": "own_stock",
+                "key_count": len(claimed),
+                "delivered_at": now,
+            },
+        )
+        inventory.record_reveal(
+            conn,
+            order_id=order_id,
+            channel="order_create",
+            actor=buyer.actor,
+            key_count=len(claimed),
+            now=now,
+        )
+    else:
+        sla_deadline = now + timedelta(seconds=sku.sla_seconds or policy.default_sla_s)
+        if sku.delivery_kind == DeliveryKind.card_key.value:
+            status, stage, reason = Status.backordered, Stage.waiting_stock, "out_of_stock"
+            next_action_at = now + timedelta(seconds=policy.backorder_retry_s)
+            events.append(
+                _event_row(
+                    order_id,
+                    Status.paid,
+                    status,
+                    stage,
+                    reason,
+                    "system",
+                    now,
+                    {"retry_at": next_action_at.isoformat()},
+                )
+            )
+        else:
+            status = Status.fulfilling
+            if sku.delivery_kind == DeliveryKind.direct_topup.value:
+                stage, reason = Stage.procuring, "awaiting_supplier"
+                next_action_at = now
+            else:
+                stage, reason = Stage.staff_processing, "awaiting_staff"
+                next_action_at = sla_deadline
+            events.append(_event_row(order_id, Status.paid, status, stage, reason, "system", now))
+
+    conn.execute(_INSERT_EVENT, events)
+    # Ledger last: the wallet and platform rows are the most contended in the whole database.
+    if status is Status.delivered:
+        ledger.post(
+            conn,
+            kind="sale",
+            legs=[(buyer.wallet_id, -amount), (accounts.revenue, amount)],
+            now=now,
+            ref_type="order",
+            ref_id=order_id,
+            actor=buyer.actor,
+        )
+    else:
+        hold_id = ledger.place_hold(
+            conn,
+            wallet_id=buyer.wallet_id,
+            holds_account=accounts.holds,
+            amount=amount,
+            ref_type="order",
+            ref_id=order_id,
+            now=now,
+            actor=buyer.actor,
+        )
+    conn.execute(
+        _FINISH_ORDER,
+        {
+            "oid": order_id,
+            "status": status.value,
+            "stage": stage.value,
+            "reason": reason,
+            "next_action_at": next_action_at,
+            "sla_deadline": sla_deadline,
+            "hold_id": hold_id,
+            "delivered_at": now if status is Status.delivered else None,
+        },
+    )
+    return Placed(
+        order_id=order_id,
+        order_no=order_no,
+        line_id=line_id,
+        status=status,
+        stage=stage,
+        reason=reason,
+        amount_cents=amount,
+        lookup_secret=lookup_secret,
+        created_at=now,
+        next_action_at=next_action_at,
+        sla_deadline=sla_deadline,
+        keys=claimed or [],
+    )
+
+
+# -- transitions after creation -------------------------------------------------------------------
+
+
+def _load_for_update(conn: Connection, *, order_no: str, reseller_id: int | None) -> Any:
+    stmt = select(_order).where(_order.c.order_no == order_no)
+    if reseller_id is not None:
+        stmt = stmt.where(_order.c.reseller_id == reseller_id)
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    row = conn.execute(stmt).first()
+    if row is None:
+        raise KamengError(ErrorCode.order_not_found)
+    return row
+
+
+def transition(
+    conn: Connection,
+    *,
+    order: Any,
+    to_status: Status,
+    stage: Stage | None = None,
+    reason: str,
+    actor: str,
+    now: datetime,
+    next_action_at: datetime | None = None,
+    details: dict[str, Any] | None = None,
+    extra_values: dict[str, Any] | None = None,
+) -> None:
+    """Move an order by compare-and-set on its version, with its event row in the same txn."""
+    from_status = Status(order.status)
+    event = _event_row(order.id, from_status, to_status, stage, reason, actor, now, details)
+    changed = conn.execute(
+        update(_order)
+        .where(_order.c.id == order.id, _order.c.version == order.version)
+        .values(
+            status=to_status.value,
+            stage=event["stage"],
+            reason=reason,
+            stage_since=now,
+            next_action_at=next_action_at,
+            version=order.version + 1,
+            updated_at=now,
+            **(extra_values or {}),
+        )
+    ).rowcount
+    if changed != 1:
+        raise KamengError(ErrorCode.concurrent_update)
+    conn.execute(_INSERT_EVENT, [event])
+
+
+def cancel_order(
+    conn: Connection,
+    *,
+    order_no: str,
+    reseller_id: int | None,
+    wallet_id: int,
+    accounts: ledger.PlatformAccounts,
+    actor: str,
+    reason: str,
+    now: datetime,
+) -> bool:
+    """Cancel an undelivered order: release stock, void the hold. False if already canceled."""
+    order = _load_for_update(conn, order_no=order_no, reseller_id=reseller_id)
+    status = Status(order.status)
+    if status is Status.canceled:
+        return False
+    if status not in CANCELABLE:
+        raise KamengError(ErrorCode.order_not_cancelable, status=status.value)
+    for (line_id,) in conn.execute(select(_line.c.id).where(_line.c.order_id == order.id)):
+        inventory.release(conn, line_id=line_id)
+    refunded = order.refunded_cents
+    if order.hold_id is not None:
+        ledger.void_hold(
+            conn,
+            hold_id=order.hold_id,
+            wallet_id=wallet_id,
+            accounts=accounts,
+            now=now,
+            actor=actor,
+            memo=f"cancel {order.order_no}",
+        )
+        refunded = order.paid_cents
+    transition(
+        conn,
+        order=order,
+        to_status=Status.canceled,
+        reason=reason,
+        actor=actor,
+        now=now,
+        extra_values={"refunded_cents": refunded, "sla_deadline": None},
+    )
+    return True
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def find_order(conn: Connection, *, order_no: str, reseller_id: int | None) -> Any:
+    stmt = select(_order).where(_order.c.order_no == order_no)
+    if reseller_id is not None:
+        stmt = stmt.where(_order.c.reseller_id == reseller_id)
+    row = conn.execute(stmt).first()
+    if row is None:
+        raise KamengError(ErrorCode.order_not_found)
+    return row
+
+
+def order_line(conn: Connection, *, order_id: int) -> Any:
+    return conn.execute(
+        select(_line).where(_line.c.order_id == order_id).order_by(_line.c.id)
+    ).first()
+
+
+def timeline(conn: Connection, *, order_id: int) -> list[Any]:
+    return list(
+        conn.execute(select(_event).where(_event.c.order_id == order_id).order_by(_event.c.id))
+    )
+
+
+def list_orders(
+    conn: Connection,
+    *,
+    reseller_id: int,
+    limit: int,
+    before_id: int | None = None,
+    status: str | None = None,
+    sku_id: int | None = None,
+    customer_ref: str | None = None,
+    created_from: datetime | None = None,
+    created_to: datetime | None = None,
+) -> list[Any]:
+    stmt = select(_order).where(_order.c.reseller_id == reseller_id)
+    if before_id is not None:
+        stmt = stmt.where(_order.c.id < before_id)
+    if status:
+        stmt = stmt.where(_order.c.status == status)
+    if sku_id is not None:
+        stmt = stmt.where(_order.c.sku_id == sku_id)
+    if customer_ref:
+        stmt = stmt.where(_order.c.customer_ref == customer_ref)
+    if created_from is not None:
+        stmt = stmt.where(_order.c.created_at >= created_from)
+    if created_to is not None:
+        stmt = stmt.where(_order.c.created_at < created_to)
+    return list(conn.execute(stmt.order_by(_order.c.id.desc()).limit(limit)))
+
+
+def lookup(conn: Connection, *, order_no: str, secret: str, vault: Vault) -> Any | None:
+    """The order if the secret matches; None otherwise (unknown and wrong look the same)."""
+    row = conn.execute(select(_order).where(_order.c.order_no == order_no)).first()
+    expected = vault.lookup_hash(order_no, secret.strip().upper())
+    if row is None:
+        # Spend the same work as a real comparison so timing does not reveal which orders exist.
+        hmac.compare_digest(expected, expected)
+        return None
+    return row if hmac.compare_digest(bytes(row.lookup_hash), expected) else None
+
+
+def count_by_status(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(select(_order.c.status, func.count()).group_by(_order.c.status))
+    return {status: int(n) for status, n in rows}

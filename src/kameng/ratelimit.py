@@ -1,0 +1,47 @@
+"""A small per-key sliding-window rate limiter (per process).
+
+Each web process limits on its own; with N processes the effective limit is up to N times the
+setting. That is acceptable for lookup brute-force protection (the secret has 80 bits), and a
+shared limiter can replace this class without touching its callers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from kameng.errors import ErrorCode, KamengError
+
+
+class RateLimiter:
+    def __init__(self, *, limit: int, window_s: float, max_keys: int = 100_000) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._hits: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, key: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            hits = self._hits.get(key)
+            if hits is None:
+                if len(self._hits) >= self.max_keys:
+                    self._evict(now)
+                hits = self._hits[key] = deque()
+            while hits and hits[0] <= now - self.window_s:
+                hits.popleft()
+            if len(hits) >= self.limit:
+                retry = max(1, int(hits[0] + self.window_s - now) + 1)
+                raise KamengError(
+                    ErrorCode.rate_limited, retry_after=retry, extra={"retry_after": retry}
+                )
+            hits.append(now)
+
+    def _evict(self, now: float) -> None:
+        stale = [k for k, v in self._hits.items() if not v or v[-1] <= now - self.window_s]
+        for k in stale:
+            del self._hits[k]
+        if len(self._hits) >= self.max_keys:
+            self._hits.clear()

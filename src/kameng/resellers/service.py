@@ -1,0 +1,248 @@
+"""Resellers and their API credentials; request authentication for the Reseller API.
+
+An API secret is shown once at creation and stored sealed (AES-GCM under a key derived from the
+master key), never in plain text. Authentication needs the plaintext to recompute HMACs, so the
+unsealed secret is cached in memory per credential — the status is still read from the database
+on every request, so revocation takes effect immediately.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from kameng.audit import service as audit
+from kameng.db import table
+from kameng.errors import ErrorCode, KamengError
+from kameng.ledger import service as ledger
+from kameng.pricing.models import Tier
+from kameng.resellers.models import ApiCredential, ApiNonce, Reseller
+from kameng.security.crypto import Vault
+
+_cred = table(ApiCredential)
+_reseller = table(Reseller)
+_nonce = table(ApiNonce)
+_tier = table(Tier)
+
+_AUTH_QUERY = (
+    select(
+        _cred.c.id,
+        _cred.c.status,
+        _cred.c.sealed_secret,
+        _cred.c.reseller_id,
+        _reseller.c.name,
+        _reseller.c.status.label("reseller_status"),
+        _reseller.c.tier_id,
+    )
+    .join(_reseller, _reseller.c.id == _cred.c.reseller_id)
+    .where(_cred.c.api_key == bindparam("api_key"))
+)
+_INSERT_NONCE = insert(_nonce)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    credential_id: int
+    reseller_id: int
+    reseller_name: str
+    tier_id: int
+    secret: str
+
+    @property
+    def actor(self) -> str:
+        return f"reseller:{self.reseller_name}"
+
+    @property
+    def scope(self) -> str:
+        return f"reseller:{self.reseller_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCredential:
+    reseller_id: int
+    name: str
+    api_key: str
+    api_secret: str
+
+
+def _credential_context(api_key: str) -> str:
+    return f"api-secret|{api_key}"
+
+
+def _issue(session: Session, vault: Vault, reseller: Reseller) -> IssuedCredential:
+    api_key = "ak_" + secrets.token_hex(12)
+    api_secret = "sk_" + secrets.token_urlsafe(32)
+    session.add(
+        ApiCredential(
+            reseller_id=reseller.id,
+            api_key=api_key,
+            sealed_secret=vault.seal(api_secret, _credential_context(api_key)),
+            status="active",
+        )
+    )
+    session.flush()
+    return IssuedCredential(reseller.id, reseller.name, api_key, api_secret)
+
+
+def create_reseller(
+    session: Session, vault: Vault, *, name: str, tier_code: str, actor: str
+) -> IssuedCredential:
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise KamengError(ErrorCode.invalid_request, detail="name must be 1-100 characters")
+    if session.scalar(select(Reseller.id).where(Reseller.name == name)) is not None:
+        raise KamengError(ErrorCode.already_exists, what=f"reseller {name}")
+    tier = session.scalar(select(Tier).where(Tier.code == tier_code))
+    if tier is None:
+        raise KamengError(ErrorCode.tier_not_found, tier=tier_code)
+    reseller = Reseller(name=name, tier_id=tier.id, status="active")
+    session.add(reseller)
+    session.flush()
+    ledger.wallet_account(session.connection(), owner_type="reseller", owner_id=reseller.id)
+    issued = _issue(session, vault, reseller)
+    audit.record(
+        session,
+        actor=actor,
+        action="reseller.create",
+        target_type="reseller",
+        target_id=reseller.id,
+        details={"tier": tier_code, "api_key": issued.api_key},
+    )
+    return issued
+
+
+def get_reseller(session: Session, *, name: str) -> Reseller:
+    reseller = session.scalar(select(Reseller).where(Reseller.name == name))
+    if reseller is None:
+        raise KamengError(ErrorCode.reseller_not_found, name=name)
+    return reseller
+
+
+def rotate_credentials(
+    session: Session, vault: Vault, *, name: str, actor: str
+) -> IssuedCredential:
+    """Revoke every active key of the reseller and issue a new one."""
+    reseller = get_reseller(session, name=name)
+    revoked = revoke_credentials(session, name=name, actor=actor)
+    issued = _issue(session, vault, reseller)
+    audit.record(
+        session,
+        actor=actor,
+        action="reseller.rotate_key",
+        target_type="reseller",
+        target_id=reseller.id,
+        details={"revoked": revoked, "api_key": issued.api_key},
+    )
+    return issued
+
+
+def revoke_credentials(
+    session: Session, *, name: str, actor: str, api_key: str | None = None
+) -> list[str]:
+    reseller = get_reseller(session, name=name)
+    stmt = select(ApiCredential).where(
+        ApiCredential.reseller_id == reseller.id, ApiCredential.status == "active"
+    )
+    if api_key:
+        stmt = stmt.where(ApiCredential.api_key == api_key)
+    revoked = []
+    for cred in session.scalars(stmt):
+        cred.status = "revoked"
+        cred.revoked_at = datetime.now().astimezone()
+        revoked.append(cred.api_key)
+    audit.record(
+        session,
+        actor=actor,
+        action="reseller.revoke_key",
+        target_type="reseller",
+        target_id=reseller.id,
+        details={"api_keys": revoked},
+    )
+    return revoked
+
+
+def set_tier(session: Session, *, name: str, tier_code: str, actor: str) -> None:
+    reseller = get_reseller(session, name=name)
+    tier = session.scalar(select(Tier).where(Tier.code == tier_code))
+    if tier is None:
+        raise KamengError(ErrorCode.tier_not_found, tier=tier_code)
+    old = reseller.tier_id
+    reseller.tier_id = tier.id
+    audit.record(
+        session,
+        actor=actor,
+        action="reseller.set_tier",
+        target_type="reseller",
+        target_id=reseller.id,
+        details={"from": old, "to": tier.id},
+    )
+
+
+class Authenticator:
+    """Looks up callers by API key; caches unsealed secrets (never statuses)."""
+
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+        self._secrets: dict[tuple[int, bytes], str] = {}
+
+    def caller(self, conn: Connection, api_key: str) -> Caller:
+        row = conn.execute(_AUTH_QUERY, {"api_key": api_key}).first()
+        if row is None:
+            raise KamengError(ErrorCode.auth_invalid_key)
+        if row.status != "active" or row.reseller_status != "active":
+            raise KamengError(ErrorCode.auth_key_revoked)
+        sealed = bytes(row.sealed_secret)
+        secret = self._secrets.get((row.id, sealed))
+        if secret is None:
+            secret = self.vault.unseal(sealed, _credential_context(api_key))
+            self._secrets[(row.id, sealed)] = secret
+        return Caller(row.id, row.reseller_id, row.name, row.tier_id, secret)
+
+
+def remember_nonce(
+    conn: Connection, *, credential_id: int, nonce: str, now: datetime, window_s: int
+) -> None:
+    """Record a nonce; a unique violation (raised by the insert) means it was used before."""
+    conn.execute(
+        _INSERT_NONCE,
+        {
+            "credential_id": credential_id,
+            "nonce": nonce,
+            "expires_at": now + timedelta(seconds=2 * window_s),
+        },
+    )
+
+
+def nonce_seen(conn: Connection, *, credential_id: int, nonce: str) -> bool:
+    return (
+        conn.execute(
+            select(_nonce.c.id).where(
+                _nonce.c.credential_id == credential_id, _nonce.c.nonce == nonce
+            )
+        ).first()
+        is not None
+    )
+
+
+def prune_nonces(conn: Connection, *, now: datetime) -> int:
+    return conn.execute(delete(_nonce).where(_nonce.c.expires_at < now)).rowcount
+
+
+def reseller_wallet(conn: Connection, *, reseller_id: int) -> int:
+    return ledger.wallet_account(conn, owner_type="reseller", owner_id=reseller_id)
+
+
+def list_resellers(session: Session) -> list[tuple[Reseller, str]]:
+    rows = session.execute(
+        select(Reseller, Tier.code).join(Tier, Tier.id == Reseller.tier_id).order_by(Reseller.id)
+    )
+    return [(r, code) for r, code in rows]
+
+
+def mark_status(conn: Connection, *, reseller_id: int, status: str) -> None:
+    conn.execute(update(_reseller).where(_reseller.c.id == reseller_id).values(status=status))

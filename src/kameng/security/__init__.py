@@ -1,0 +1,1 @@
+"""Signing, encryption and password hashing shared by the API, inventory and (later) suppliers."""
