@@ -23,6 +23,7 @@ from kameng.orders.service import Policy
 from kameng.pricing import service as pricing
 from kameng.resellers.service import Authenticator
 from kameng.security.crypto import Vault
+from kameng.writer import TransactionRunner
 
 CATALOG_TTL_S = 2.0
 
@@ -43,6 +44,7 @@ class Container:
     authenticator: Authenticator = field(init=False)
     inflight: InFlight = field(default_factory=InFlight)
     policy: Policy = field(init=False)
+    writer: TransactionRunner = field(init=False)
     _accounts: ledger.PlatformAccounts | None = None
     _cache: dict[tuple[str, object], _Cached] = field(default_factory=dict)
     _cache_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -50,6 +52,7 @@ class Container:
     def __post_init__(self) -> None:
         self.decryptor = KeyDecryptor(self.vault)
         self.authenticator = Authenticator(self.vault)
+        self.writer = TransactionRunner(self.db)
         self.policy = Policy(
             duplicate_window_s=self.settings.duplicate_order_window_s,
             backorder_retry_s=self.settings.backorder_retry_s,

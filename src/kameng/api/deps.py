@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
 
 from kameng.container import Container
 from kameng.errors import ErrorCode, KamengError, normalize_language
@@ -17,6 +15,7 @@ from kameng.resellers import service as resellers
 from kameng.resellers.service import Caller
 from kameng.security.signing import body_sha256, sign_request, signature_matches, string_to_sign
 
+T = TypeVar("T")
 SIGNATURE_HEADERS = ("X-Api-Key", "X-Timestamp", "X-Nonce", "X-Signature")
 MAX_NONCE_LENGTH = 128
 
@@ -97,39 +96,43 @@ def _authenticate(conn: Connection, container: Container, req: SignedRequest) ->
     return caller
 
 
-@contextmanager
-def authenticated(
-    container: Container, req: SignedRequest, *, write: bool = True
-) -> Iterator[tuple[Connection, Caller]]:
-    """One transaction that authenticates the caller, records the nonce, and runs the handler.
+class _Refused:
+    """A handler's refusal carried out of the transaction so the nonce still commits."""
 
-    The nonce commits with the handler's effect. If the handler refuses the request, the nonce
-    is still recorded (in its own small transaction) so the refused request cannot be replayed.
+    def __init__(self, error: KamengError) -> None:
+        self.error = error
+
+
+def run_signed(
+    container: Container, req: SignedRequest, handler: Callable[[Connection, Caller], T]
+) -> T:
+    """Authenticate, record the nonce and run `handler` in one write transaction.
+
+    The nonce commits with the handler's effect. If the handler refuses the request, only the
+    handler's savepoint is rolled back: the nonce still commits, so a refused request cannot
+    be replayed later (say, once the balance has been topped up).
     """
-    caller: Caller | None = None
-    window = container.settings.signature_window_s
-    try:
-        with container.db.connect(write=True) as conn:
-            caller = _authenticate(conn, container, req)
-            try:
-                resellers.remember_nonce(
-                    conn,
-                    credential_id=caller.credential_id,
-                    nonce=req.nonce,
-                    now=container.clock(),
-                    window_s=window,
-                )
-            except IntegrityError:
-                raise KamengError(ErrorCode.auth_nonce_reused) from None
-            yield conn, caller
-    except KamengError as exc:
-        if caller is not None and exc.code is not ErrorCode.auth_nonce_reused:
-            with suppress(IntegrityError), container.db.connect(write=True) as conn:
-                resellers.remember_nonce(
-                    conn,
-                    credential_id=caller.credential_id,
-                    nonce=req.nonce,
-                    now=container.clock(),
-                    window_s=window,
-                )
-        raise
+
+    def job(conn: Connection) -> T | _Refused:
+        caller = _authenticate(conn, container, req)
+        if not resellers.remember_nonce(
+            conn,
+            credential_id=caller.credential_id,
+            nonce=req.nonce,
+            now=container.clock(),
+            window_s=container.settings.signature_window_s,
+        ):
+            raise KamengError(ErrorCode.auth_nonce_reused)
+        savepoint = conn.begin_nested()
+        try:
+            result = handler(conn, caller)
+        except KamengError as exc:
+            savepoint.rollback()
+            return _Refused(exc)
+        savepoint.commit()
+        return result
+
+    outcome = container.writer.run(job)
+    if isinstance(outcome, _Refused):
+        raise outcome.error
+    return outcome

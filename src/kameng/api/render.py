@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import Sku
+from kameng.catalog.service import SkuInfo
 from kameng.container import Container
 from kameng.db import table
 from kameng.inventory import service as inventory
@@ -117,3 +118,37 @@ def full_order(
     body = order_body(order, line, code, language, timeline=events)
     keys = reveal_keys(conn, container, order=order, line=line, channel=channel, actor=actor)
     return body, keys
+
+
+def placed_body(
+    placed: orders.Placed,
+    sku: SkuInfo,
+    quantity: int,
+    unit_price: int,
+    fields: dict[str, str],
+    language: str,
+    customer_ref: str,
+) -> dict[str, Any]:
+    """The creation answer, built from what was just written (no re-read on the hot path)."""
+    return {
+        "order_no": placed.order_no,
+        "status": placed.status.value,
+        "status_text": status_text(placed.status.value, language),
+        "stage": placed.stage.value,
+        "reason": placed.reason,
+        "reason_text": reason_text(placed.reason, language),
+        "stage_since": iso(placed.created_at),
+        "next_action_at": iso(placed.next_action_at),
+        "sla_deadline": iso(placed.sla_deadline),
+        "sku": sku.code,
+        "quantity": quantity,
+        "unit_price": format_cents(unit_price),
+        "amount": format_cents(placed.amount_cents),
+        "currency": sku.currency,
+        "customer_ref": customer_ref,
+        "fields": fields,
+        "created_at": iso(placed.created_at),
+        "delivered_at": iso(placed.created_at) if placed.status.value == "delivered" else None,
+        "keys": [] if placed.keys else None,
+        "lookup_secret": placed.lookup_secret,
+    }

@@ -7,9 +7,10 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
+from sqlalchemy.engine import Connection
 
 from kameng.api import render
-from kameng.api.deps import ContainerDep, LanguageDep, SignedDep, authenticated
+from kameng.api.deps import ContainerDep, LanguageDep, SignedDep, run_signed
 from kameng.api.responses import JSON
 from kameng.api.schemas import (
     BalanceOut,
@@ -22,6 +23,7 @@ from kameng.api.schemas import (
 )
 from kameng.catalog import service as catalog
 from kameng.catalog.fields import validate_fields
+from kameng.container import Container
 from kameng.errors import ErrorCode, KamengError
 from kameng.idempotency import service as idem
 from kameng.inventory import service as inventory
@@ -31,7 +33,7 @@ from kameng.orders import service as orders
 from kameng.orders.numbers import normalize_order_no
 from kameng.orders.state import Status
 from kameng.pricing import service as pricing
-from kameng.resellers import service as resellers
+from kameng.resellers.service import Caller
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 402, 404, 409, 422, 429)
@@ -47,7 +49,8 @@ IdempotencyKey = Annotated[
 
 @router.get("/products", response_model=ProductList, tags=["catalog"])
 def list_products(req: SignedDep, container: ContainerDep, language: LanguageDep) -> Any:
-    with authenticated(container, req) as (conn, caller):
+    caller = run_signed(container, req, lambda conn, caller: caller)
+    with container.db.connect(write=False) as conn:
         counts = inventory.available_counts(conn)
     with container.db.unit_of_work(write=False) as session:
         prices = pricing.prices_for_tier(session, tier_id=caller.tier_id)
@@ -100,102 +103,76 @@ def create_order(
     `backordered` with the money held. Needs `Idempotency-Key`."""
     key = idem.validate_key(idempotency_key)
     req_hash = idem.request_hash(req.method, req.path.split("?")[0], req.body)
-    with (
-        container.inflight.hold(req.api_key, key),
-        authenticated(container, req) as (
-            conn,
-            caller,
-        ),
-    ):
+
+    def handler(conn: Connection, caller: Caller) -> tuple[dict[str, Any], list[Any], int, bool]:
         idem.lock_across_processes(conn, scope=caller.scope, key=key)
         stored = idem.find(conn, scope=caller.scope, key=key, req_hash=req_hash)
         if stored is not None:
-            body = dict(stored.response)
-            keys: list[inventory.ClaimedKey] = []
-            sku_id = 0
-            if body.get("keys") is not None:
-                order = orders.find_order(
-                    conn, order_no=body["order_no"], reseller_id=caller.reseller_id
-                )
-                sku_id = order.sku_id
-                line = orders.order_line(conn, order_id=order.id)
-                keys = render.reveal_keys(
-                    conn,
-                    container,
-                    order=order,
-                    line=line,
-                    channel="idempotent_replay",
-                    actor=caller.actor,
-                )
-            replayed = True
-        else:
-            replayed = False
-            sku = container.sku(payload.sku)
-            if not sku.on_sale:
-                raise KamengError(ErrorCode.sku_disabled, sku=sku.code)
-            if not sku.min_quantity <= payload.quantity <= sku.max_quantity:
-                raise KamengError(
-                    ErrorCode.quantity_out_of_range, min=sku.min_quantity, max=sku.max_quantity
-                )
-            fields = validate_fields(list(sku.field_template), payload.fields)
-            unit_price = container.unit_price(tier_id=caller.tier_id, sku_id=sku.id)
-            wallet_id = resellers.reseller_wallet(conn, reseller_id=caller.reseller_id)
-            now = container.clock()
-            placed = orders.place_order(
-                conn,
-                buyer=orders.Buyer(caller.reseller_id, wallet_id, caller.actor),
-                cmd=orders.PlaceOrder(
-                    sku=sku,
-                    unit_price_cents=unit_price,
-                    quantity=payload.quantity,
-                    fields=fields,
-                    customer_ref=payload.customer_ref,
-                    confirm_duplicate=payload.confirm_duplicate,
-                ),
-                accounts=container.accounts,
-                vault=container.vault,
-                policy=container.policy,
-                now=now,
+            return _replay(conn, container, caller, stored.response)
+        sku = container.sku(payload.sku)
+        if not sku.on_sale:
+            raise KamengError(ErrorCode.sku_disabled, sku=sku.code)
+        if not sku.min_quantity <= payload.quantity <= sku.max_quantity:
+            raise KamengError(
+                ErrorCode.quantity_out_of_range, min=sku.min_quantity, max=sku.max_quantity
             )
-            body = {
-                "order_no": placed.order_no,
-                "status": placed.status.value,
-                "status_text": render.status_text(placed.status.value, language),
-                "stage": placed.stage.value,
-                "reason": placed.reason,
-                "reason_text": render.reason_text(placed.reason, language),
-                "stage_since": render.iso(now),
-                "next_action_at": render.iso(placed.next_action_at),
-                "sla_deadline": render.iso(placed.sla_deadline),
-                "sku": sku.code,
-                "quantity": payload.quantity,
-                "unit_price": format_cents(unit_price),
-                "amount": format_cents(placed.amount_cents),
-                "currency": sku.currency,
-                "customer_ref": payload.customer_ref,
-                "fields": fields,
-                "created_at": render.iso(now),
-                "delivered_at": render.iso(now) if placed.status is Status.delivered else None,
-                "keys": [] if placed.keys else None,
-                "lookup_secret": placed.lookup_secret,
-            }
-            keys, sku_id = placed.keys, sku.id
-            if keys:
-                container.decryptor.preload(conn, {k.batch_id for k in keys})
-            idem.store(
-                conn,
-                scope=caller.scope,
-                key=key,
-                req_hash=req_hash,
-                status_code=201,
-                response=body,
-                now=now,
-            )
+        fields = validate_fields(list(sku.field_template), payload.fields)
+        unit_price = container.unit_price(tier_id=caller.tier_id, sku_id=sku.id)
+        now = container.clock()
+        placed = orders.place_order(
+            conn,
+            buyer=orders.Buyer(caller.reseller_id, caller.wallet_id, caller.actor),
+            cmd=orders.PlaceOrder(
+                sku=sku,
+                unit_price_cents=unit_price,
+                quantity=payload.quantity,
+                fields=fields,
+                customer_ref=payload.customer_ref,
+                confirm_duplicate=payload.confirm_duplicate,
+            ),
+            accounts=container.accounts,
+            vault=container.vault,
+            policy=container.policy,
+            now=now,
+        )
+        body = render.placed_body(
+            placed, sku, payload.quantity, unit_price, fields, language, payload.customer_ref
+        )
+        if placed.keys:
+            container.decryptor.preload(conn, {k.batch_id for k in placed.keys})
+        idem.store(
+            conn,
+            scope=caller.scope,
+            key=key,
+            req_hash=req_hash,
+            status_code=201,
+            response=body,
+            now=now,
+        )
+        return body, placed.keys, sku.id, False
+
+    with container.inflight.hold(req.api_key, key):
+        body, keys, sku_id, replayed = run_signed(container, req, handler)
     # Committed. Only now do plaintext keys exist, and only in this response.
     if keys:
         body = {**body, "keys": render.decrypt_all(container, sku_id, keys)}
     headers = {"Idempotent-Replayed": "true"} if replayed else None
     return JSON(body, status_code=201, headers=headers)
+
+
+def _replay(
+    conn: Connection, container: Container, caller: Caller, stored: dict[str, Any]
+) -> tuple[dict[str, Any], list[Any], int, bool]:
+    """The original answer; keys were never stored, so they are re-read from the order."""
+    body = dict(stored)
+    if body.get("keys") is None:
+        return body, [], 0, True
+    order = orders.find_order(conn, order_no=body["order_no"], reseller_id=caller.reseller_id)
+    line = orders.order_line(conn, order_id=order.id)
+    keys = render.reveal_keys(
+        conn, container, order=order, line=line, channel="idempotent_replay", actor=caller.actor
+    )
+    return body, keys, order.sku_id, True
 
 
 def _encode_cursor(order_id: int) -> str:
@@ -228,7 +205,8 @@ def list_orders(
 ) -> Any:
     """Newest first. Keys are not included in lists: fetch one order to see its keys."""
     before = _decode_cursor(cursor) if cursor else None
-    with authenticated(container, req) as (conn, caller):
+
+    def handler(conn: Connection, caller: Caller) -> tuple[list[Any], list[dict[str, Any]]]:
         sku_id = None
         if sku:
             sku_id = container.sku(sku).id
@@ -252,6 +230,10 @@ def list_orders(
         for row in page:
             line = orders.order_line(conn, order_id=row.id)
             bodies.append(render.order_body(row, line, codes.get(row.sku_id, ""), language))
+        return rows, bodies
+
+    rows, bodies = run_signed(container, req, handler)
+    page = rows[:limit]
     next_cursor = _encode_cursor(page[-1].id) if len(rows) > limit and page else None
     return JSON({"orders": bodies, "next_cursor": next_cursor})
 
@@ -259,13 +241,17 @@ def list_orders(
 @router.get("/orders/{order_no}", response_model=OrderOut, tags=["orders"])
 def get_order(order_no: str, req: SignedDep, container: ContainerDep, language: LanguageDep) -> Any:
     """One order with its timeline, and its keys once delivered (each reveal is recorded)."""
-    with authenticated(container, req) as (conn, caller):
+
+    def handler(conn: Connection, caller: Caller) -> tuple[Any, dict[str, Any], list[Any]]:
         order = orders.find_order(
             conn, order_no=normalize_order_no(order_no), reseller_id=caller.reseller_id
         )
         body, keys = render.full_order(
             conn, container, order, language, channel="api_get", actor=caller.actor
         )
+        return order, body, keys
+
+    order, body, keys = run_signed(container, req, handler)
     if keys:
         body["keys"] = render.decrypt_all(container, order.sku_id, keys)
     return JSON(body)
@@ -278,14 +264,14 @@ def cancel_order(
     """Cancel an order that has not been delivered: stock released, money back to balance.
 
     Naturally idempotent: canceling a canceled order answers with the order as it is."""
-    with authenticated(container, req) as (conn, caller):
-        wallet_id = resellers.reseller_wallet(conn, reseller_id=caller.reseller_id)
+
+    def handler(conn: Connection, caller: Caller) -> dict[str, Any]:
         normalized = normalize_order_no(order_no)
         orders.cancel_order(
             conn,
             order_no=normalized,
             reseller_id=caller.reseller_id,
-            wallet_id=wallet_id,
+            wallet_id=caller.wallet_id,
             accounts=container.accounts,
             actor=caller.actor,
             reason="canceled_by_buyer",
@@ -295,14 +281,16 @@ def cancel_order(
         body, _ = render.full_order(
             conn, container, order, language, channel="api_cancel", actor=caller.actor
         )
-    return JSON(body)
+        return body
+
+    return JSON(run_signed(container, req, handler))
 
 
 @router.get("/balance", response_model=BalanceOut, tags=["account"])
 def get_balance(req: SignedDep, container: ContainerDep) -> Any:
-    with authenticated(container, req) as (conn, caller):
-        wallet_id = resellers.reseller_wallet(conn, reseller_id=caller.reseller_id)
-        available, held = ledger.balances(conn, wallet_id=wallet_id)
+    available, held = run_signed(
+        container, req, lambda conn, caller: ledger.balances(conn, wallet_id=caller.wallet_id)
+    )
     return JSON(
         {"available": format_cents(available), "held": format_cents(held), "currency": "CNY"}
     )

@@ -12,7 +12,9 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -20,6 +22,7 @@ from kameng.audit import service as audit
 from kameng.db import table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
+from kameng.ledger.models import Account
 from kameng.pricing.models import Tier
 from kameng.resellers.models import ApiCredential, ApiNonce, Reseller
 from kameng.security.crypto import Vault
@@ -28,6 +31,7 @@ _cred = table(ApiCredential)
 _reseller = table(Reseller)
 _nonce = table(ApiNonce)
 _tier = table(Tier)
+_acc = table(Account)
 
 _AUTH_QUERY = (
     select(
@@ -38,11 +42,18 @@ _AUTH_QUERY = (
         _reseller.c.name,
         _reseller.c.status.label("reseller_status"),
         _reseller.c.tier_id,
+        _acc.c.id.label("wallet_id"),
     )
     .join(_reseller, _reseller.c.id == _cred.c.reseller_id)
+    .outerjoin(
+        _acc,
+        (_acc.c.kind == "wallet")
+        & (_acc.c.owner_type == "reseller")
+        & (_acc.c.owner_id == _reseller.c.id)
+        & (_acc.c.currency == "CNY"),
+    )
     .where(_cred.c.api_key == bindparam("api_key"))
 )
-_INSERT_NONCE = insert(_nonce)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +63,7 @@ class Caller:
     reseller_name: str
     tier_id: int
     secret: str
+    wallet_id: int
 
     @property
     def actor(self) -> str:
@@ -201,21 +213,35 @@ class Authenticator:
         if secret is None:
             secret = self.vault.unseal(sealed, _credential_context(api_key))
             self._secrets[(row.id, sealed)] = secret
-        return Caller(row.id, row.reseller_id, row.name, row.tier_id, secret)
+        wallet_id = row.wallet_id
+        if wallet_id is None:
+            wallet_id = reseller_wallet(conn, reseller_id=row.reseller_id)
+        return Caller(row.id, row.reseller_id, row.name, row.tier_id, secret, int(wallet_id))
+
+
+_NONCE_INSERTS = {
+    "sqlite": sqlite_insert(_nonce)
+    .on_conflict_do_nothing(index_elements=["credential_id", "nonce"])
+    .returning(_nonce.c.id),
+    "postgresql": pg_insert(_nonce)
+    .on_conflict_do_nothing(index_elements=["credential_id", "nonce"])
+    .returning(_nonce.c.id),
+}
 
 
 def remember_nonce(
     conn: Connection, *, credential_id: int, nonce: str, now: datetime, window_s: int
-) -> None:
-    """Record a nonce; a unique violation (raised by the insert) means it was used before."""
-    conn.execute(
-        _INSERT_NONCE,
+) -> bool:
+    """Record a nonce; False if it was already used (a replay). Never aborts the transaction."""
+    result = conn.execute(
+        _NONCE_INSERTS[conn.dialect.name],
         {
             "credential_id": credential_id,
             "nonce": nonce,
             "expires_at": now + timedelta(seconds=2 * window_s),
         },
     )
+    return result.first() is not None
 
 
 def nonce_seen(conn: Connection, *, credential_id: int, nonce: str) -> bool:
