@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
-from kameng.db import Database
+from kameng.db import Database, savepoint
 
 T = TypeVar("T")
 Job = Callable[[Connection], Any]
@@ -77,14 +77,12 @@ class TransactionRunner:
         try:
             with self.db.connect() as conn:
                 for job, future in batch:
-                    savepoint = conn.begin_nested()
                     try:
-                        result = job(conn)
+                        with savepoint(conn):
+                            result = job(conn)
                     except Exception as exc:
-                        savepoint.rollback()
                         outcomes.append((future, None, exc))
                     else:
-                        savepoint.commit()
                         outcomes.append((future, result, None))
         except Exception as exc:
             # The commit itself failed: nothing in the batch happened, so every job fails.

@@ -23,13 +23,13 @@ SIGNATURE_HEADERS = ("X-Api-Key", "X-Timestamp", "X-Nonce", "X-Signature")
 
 
 @pytest.fixture
-def creds(sqlite_container: Container) -> factories.ResellerCreds:
-    return factories.add_reseller(sqlite_container, balance_cents=5000)
+def creds(lite_db: Container) -> factories.ResellerCreds:
+    return factories.add_reseller(lite_db, balance_cents=5000)
 
 
 @pytest.fixture
-def creds_any(container: Container) -> factories.ResellerCreds:
-    return factories.add_reseller(container, balance_cents=5000)
+def creds_any(any_db: Container) -> factories.ResellerCreds:
+    return factories.add_reseller(any_db, balance_cents=5000)
 
 
 # -- header and clock checks --------------------------------------------------------------------
@@ -37,14 +37,14 @@ def creds_any(container: Container) -> factories.ResellerCreds:
 
 @pytest.mark.parametrize("missing", SIGNATURE_HEADERS)
 def test_each_missing_signature_header_is_auth_missing(
-    sqlite_server: str, creds: factories.ResellerCreds, missing: str
+    lite_url: str, creds: factories.ResellerCreds, missing: str
 ) -> None:
-    resp = signed_send(sqlite_server, creds, "GET", BALANCE, drop=(missing,))
+    resp = signed_send(lite_url, creds, "GET", BALANCE, drop=(missing,))
     error = error_of(resp, 401, "auth_missing")
     assert missing in error["message"]
 
 
-def test_no_headers_at_all_is_auth_missing(sqlite_server: str) -> None:
+def test_no_headers_at_all_is_auth_missing(lite_url: str) -> None:
     for method, path in (
         ("GET", BALANCE),
         ("GET", "/api/v1/products"),
@@ -52,32 +52,32 @@ def test_no_headers_at_all_is_auth_missing(sqlite_server: str) -> None:
         ("GET", "/api/v1/orders/K20260101ABCDEFGHJK"),
         ("POST", "/api/v1/orders/K20260101ABCDEFGHJK/cancel"),
     ):
-        resp = httpx.request(method, sqlite_server + path)
+        resp = httpx.request(method, lite_url + path)
         error = error_of(resp, 401, "auth_missing")
         for header in SIGNATURE_HEADERS:
             assert header in error["message"]
 
 
 def test_unsigned_order_creation_is_refused_and_changes_nothing(
-    sqlite_container: Container, sqlite_server: str, creds: factories.ResellerCreds
+    lite_db: Container, lite_url: str, creds: factories.ResellerCreds
 ) -> None:
-    sku = factories.add_product(sqlite_container, stock=1)
+    sku = factories.add_product(lite_db, stock=1)
     resp = httpx.post(
-        sqlite_server + "/api/v1/orders",
+        lite_url + "/api/v1/orders",
         content=order_json(sku),
         headers={"Content-Type": "application/json", "Idempotency-Key": new_key()},
     )
     error_of(resp, 401, "auth_missing")
-    assert factories.wallet_balance(sqlite_container, creds.reseller_id) == (5000, 0)
+    assert factories.wallet_balance(lite_db, creds.reseller_id) == (5000, 0)
 
 
-def test_unknown_api_key(sqlite_server: str, creds: factories.ResellerCreds) -> None:
-    resp = signed_send(sqlite_server, creds, "GET", BALANCE, api_key="ak_" + secrets.token_hex(12))
+def test_unknown_api_key(lite_url: str, creds: factories.ResellerCreds) -> None:
+    resp = signed_send(lite_url, creds, "GET", BALANCE, api_key="ak_" + secrets.token_hex(12))
     error_of(resp, 401, "auth_invalid_key")
 
 
-def test_wrong_secret(sqlite_server: str, creds: factories.ResellerCreds) -> None:
-    resp = signed_send(sqlite_server, creds, "GET", BALANCE, secret="sk_" + secrets.token_hex(20))
+def test_wrong_secret(lite_url: str, creds: factories.ResellerCreds) -> None:
+    resp = signed_send(lite_url, creds, "GET", BALANCE, secret="sk_" + secrets.token_hex(20))
     error = error_of(resp, 401, "auth_bad_signature")
     # The hint helps a client debug its string-to-sign, but never contains the secret.
     assert creds.api_secret not in resp.text
@@ -85,30 +85,30 @@ def test_wrong_secret(sqlite_server: str, creds: factories.ResellerCreds) -> Non
 
 
 def test_another_resellers_secret_does_not_sign_for_this_key(
-    sqlite_container: Container, sqlite_server: str, creds: factories.ResellerCreds
+    lite_db: Container, lite_url: str, creds: factories.ResellerCreds
 ) -> None:
-    other = factories.add_reseller(sqlite_container)
-    resp = signed_send(sqlite_server, creds, "GET", BALANCE, secret=other.api_secret)
+    other = factories.add_reseller(lite_db)
+    resp = signed_send(lite_url, creds, "GET", BALANCE, secret=other.api_secret)
     error_of(resp, 401, "auth_bad_signature")
 
 
 def test_signature_is_case_insensitive_hex_and_valid_request_passes(
-    sqlite_server: str, creds: factories.ResellerCreds
+    lite_url: str, creds: factories.ResellerCreds
 ) -> None:
     """Control for the negatives: the same helper with nothing altered is accepted."""
-    resp = signed_send(sqlite_server, creds, "GET", BALANCE)
+    resp = signed_send(lite_url, creds, "GET", BALANCE)
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"available": "50.00", "held": "0.00", "currency": "CNY"}
 
 
 def test_body_altered_after_signing(
-    sqlite_container: Container, sqlite_server: str, creds: factories.ResellerCreds
+    lite_db: Container, lite_url: str, creds: factories.ResellerCreds
 ) -> None:
-    sku = factories.add_product(sqlite_container, price_cents=1000, stock=5)
+    sku = factories.add_product(lite_db, price_cents=1000, stock=5)
     signed = order_json(sku, 1)
     sent = order_json(sku, 3)
     resp = signed_send(
-        sqlite_server,
+        lite_url,
         creds,
         "POST",
         "/api/v1/orders",
@@ -117,19 +117,19 @@ def test_body_altered_after_signing(
         headers={"Idempotency-Key": new_key()},
     )
     error_of(resp, 401, "auth_bad_signature")
-    assert factories.wallet_balance(sqlite_container, creds.reseller_id) == (5000, 0)
-    assert all_orders(factories.client_for(sqlite_server, creds)) == []
+    assert factories.wallet_balance(lite_db, creds.reseller_id) == (5000, 0)
+    assert all_orders(factories.client_for(lite_url, creds)) == []
 
 
 def test_single_byte_of_body_changed_is_detected(
-    sqlite_container: Container, sqlite_server: str, creds: factories.ResellerCreds
+    lite_db: Container, lite_url: str, creds: factories.ResellerCreds
 ) -> None:
-    sku = factories.add_product(sqlite_container, stock=2)
+    sku = factories.add_product(lite_db, stock=2)
     signed = order_json(sku, 1, customer_ref="a")
     sent = order_json(sku, 1, customer_ref="b")
     assert len(signed) == len(sent)
     resp = signed_send(
-        sqlite_server,
+        lite_url,
         creds,
         "POST",
         "/api/v1/orders",
@@ -140,11 +140,9 @@ def test_single_byte_of_body_changed_is_detected(
     error_of(resp, 401, "auth_bad_signature")
 
 
-def test_query_string_altered_after_signing(
-    sqlite_server: str, creds: factories.ResellerCreds
-) -> None:
+def test_query_string_altered_after_signing(lite_url: str, creds: factories.ResellerCreds) -> None:
     resp = signed_send(
-        sqlite_server,
+        lite_url,
         creds,
         "GET",
         "/api/v1/orders?limit=50",
@@ -152,20 +150,18 @@ def test_query_string_altered_after_signing(
     )
     error_of(resp, 401, "auth_bad_signature")
     # Dropping the query entirely is also a change.
-    resp = signed_send(
-        sqlite_server, creds, "GET", "/api/v1/orders", sign_path="/api/v1/orders?limit=5"
-    )
+    resp = signed_send(lite_url, creds, "GET", "/api/v1/orders", sign_path="/api/v1/orders?limit=5")
     error_of(resp, 401, "auth_bad_signature")
     # Control: signing exactly what is sent passes.
-    resp = signed_send(sqlite_server, creds, "GET", "/api/v1/orders?limit=5")
+    resp = signed_send(lite_url, creds, "GET", "/api/v1/orders?limit=5")
     assert resp.status_code == 200, resp.text
 
 
-def test_path_and_method_are_signed(sqlite_server: str, creds: factories.ResellerCreds) -> None:
-    resp = signed_send(sqlite_server, creds, "GET", "/api/v1/products", sign_path=BALANCE)
+def test_path_and_method_are_signed(lite_url: str, creds: factories.ResellerCreds) -> None:
+    resp = signed_send(lite_url, creds, "GET", "/api/v1/products", sign_path=BALANCE)
     error_of(resp, 401, "auth_bad_signature")
     resp = signed_send(
-        sqlite_server,
+        lite_url,
         creds,
         "POST",
         "/api/v1/orders/K20260101ABCDEFGHJK/cancel",
@@ -176,26 +172,26 @@ def test_path_and_method_are_signed(sqlite_server: str, creds: factories.Reselle
 
 @pytest.mark.parametrize("offset", [-301, 301, -3600, 86400])
 def test_timestamp_outside_window(
-    sqlite_server: str, creds: factories.ResellerCreds, offset: int
+    lite_url: str, creds: factories.ResellerCreds, offset: int
 ) -> None:
-    resp = signed_send(sqlite_server, creds, "GET", BALANCE, timestamp=int(time.time()) + offset)
+    resp = signed_send(lite_url, creds, "GET", BALANCE, timestamp=int(time.time()) + offset)
     error = error_of(resp, 401, "auth_timestamp_out_of_window")
     assert "300" in error["message"]
 
 
 @pytest.mark.parametrize("offset", [-290, 290])
 def test_timestamp_inside_window_is_accepted(
-    sqlite_server: str, creds: factories.ResellerCreds, offset: int
+    lite_url: str, creds: factories.ResellerCreds, offset: int
 ) -> None:
-    resp = signed_send(sqlite_server, creds, "GET", BALANCE, timestamp=int(time.time()) + offset)
+    resp = signed_send(lite_url, creds, "GET", BALANCE, timestamp=int(time.time()) + offset)
     assert resp.status_code == 200, resp.text
 
 
 @pytest.mark.parametrize("bad", ["abc", "-5", "1.7e9", "17 00000000", "0x10", "+1700000000"])
 def test_malformed_timestamp_is_out_of_window(
-    sqlite_server: str, creds: factories.ResellerCreds, bad: str
+    lite_url: str, creds: factories.ResellerCreds, bad: str
 ) -> None:
-    resp = signed_send(sqlite_server, creds, "GET", BALANCE, headers={"X-Timestamp": bad})
+    resp = signed_send(lite_url, creds, "GET", BALANCE, headers={"X-Timestamp": bad})
     error_of(resp, 401, "auth_timestamp_out_of_window")
 
 
@@ -205,7 +201,7 @@ def test_malformed_timestamp_is_out_of_window(
 )
 @pytest.mark.parametrize("bad", ["\xb2", "9" * 5000], ids=["superscript-two", "5000-digits"])
 def test_timestamp_that_isdigit_but_not_int_is_refused_not_500(
-    sqlite_server: str, creds: factories.ResellerCreds, bad: str
+    lite_url: str, creds: factories.ResellerCreds, bad: str
 ) -> None:
     headers = signed_headers(
         api_key=creds.api_key,
@@ -218,7 +214,7 @@ def test_timestamp_that_isdigit_but_not_int_is_refused_not_500(
     )
     raw = {k: v.encode("latin-1") for k, v in headers.items()}
     raw["X-Timestamp"] = bad.encode("latin-1")
-    resp = httpx.get(sqlite_server + BALANCE, headers=raw)
+    resp = httpx.get(lite_url + BALANCE, headers=raw)
     error_of(resp, 401, "auth_timestamp_out_of_window")
 
 
@@ -226,39 +222,39 @@ def test_timestamp_that_isdigit_but_not_int_is_refused_not_500(
 
 
 def test_replayed_nonce_is_refused(
-    container: Container, server: str, creds_any: factories.ResellerCreds
+    any_db: Container, any_url: str, creds_any: factories.ResellerCreds
 ) -> None:
     ts, nonce = int(time.time()), secrets.token_hex(12)
-    first = signed_send(server, creds_any, "GET", BALANCE, timestamp=ts, nonce=nonce)
+    first = signed_send(any_url, creds_any, "GET", BALANCE, timestamp=ts, nonce=nonce)
     assert first.status_code == 200, first.text
-    again = signed_send(server, creds_any, "GET", BALANCE, timestamp=ts, nonce=nonce)
+    again = signed_send(any_url, creds_any, "GET", BALANCE, timestamp=ts, nonce=nonce)
     error_of(again, 401, "auth_nonce_reused")
     # A nonce is burnt for the key, whatever else changes (another endpoint, new timestamp).
-    other = signed_send(server, creds_any, "GET", "/api/v1/products", nonce=nonce)
+    other = signed_send(any_url, creds_any, "GET", "/api/v1/products", nonce=nonce)
     error_of(other, 401, "auth_nonce_reused")
 
 
 def test_replayed_order_request_creates_nothing(
-    container: Container, server: str, creds_any: factories.ResellerCreds
+    any_db: Container, any_url: str, creds_any: factories.ResellerCreds
 ) -> None:
-    sku = factories.add_product(container, price_cents=1000, stock=3)
+    sku = factories.add_product(any_db, price_cents=1000, stock=3)
     ts, nonce, key = int(time.time()), secrets.token_hex(12), new_key()
     body = order_json(sku, 1)
     kw = {"body": body, "timestamp": ts, "nonce": nonce, "headers": {"Idempotency-Key": key}}
-    first = signed_send(server, creds_any, "POST", "/api/v1/orders", **kw)
+    first = signed_send(any_url, creds_any, "POST", "/api/v1/orders", **kw)
     assert first.status_code == 201, first.text
-    again = signed_send(server, creds_any, "POST", "/api/v1/orders", **kw)
+    again = signed_send(any_url, creds_any, "POST", "/api/v1/orders", **kw)
     error_of(again, 401, "auth_nonce_reused")
-    assert factories.wallet_balance(container, creds_any.reseller_id) == (4000, 0)
-    assert len(all_orders(factories.client_for(server, creds_any))) == 1
+    assert factories.wallet_balance(any_db, creds_any.reseller_id) == (4000, 0)
+    assert len(all_orders(factories.client_for(any_url, creds_any))) == 1
 
 
 def test_refused_request_burns_its_nonce(
-    container: Container, server: str, creds_any: factories.ResellerCreds
+    any_db: Container, any_url: str, creds_any: factories.ResellerCreds
 ) -> None:
     """An order refused for insufficient balance cannot be replayed later, even once the
     balance would allow it."""
-    sku = factories.add_product(container, price_cents=100_00, stock=3)
+    sku = factories.add_product(any_db, price_cents=100_00, stock=3)
     ts, nonce, key = int(time.time()), secrets.token_hex(12), new_key()
     kw = {
         "body": order_json(sku, 1),
@@ -266,17 +262,17 @@ def test_refused_request_burns_its_nonce(
         "nonce": nonce,
         "headers": {"Idempotency-Key": key},
     }
-    refused = signed_send(server, creds_any, "POST", "/api/v1/orders", **kw)
+    refused = signed_send(any_url, creds_any, "POST", "/api/v1/orders", **kw)
     error_of(refused, 402, "insufficient_balance")
-    factories.topup(container, creds_any.reseller_id, 200_00)
-    replay = signed_send(server, creds_any, "POST", "/api/v1/orders", **kw)
+    factories.topup(any_db, creds_any.reseller_id, 200_00)
+    replay = signed_send(any_url, creds_any, "POST", "/api/v1/orders", **kw)
     error_of(replay, 401, "auth_nonce_reused")
-    assert factories.wallet_balance(container, creds_any.reseller_id) == (250_00, 0)
-    assert all_orders(factories.client_for(server, creds_any)) == []
+    assert factories.wallet_balance(any_db, creds_any.reseller_id) == (250_00, 0)
+    assert all_orders(factories.client_for(any_url, creds_any)) == []
 
 
 def test_other_refusals_burn_the_nonce_too(
-    container: Container, server: str, creds_any: factories.ResellerCreds
+    any_db: Container, any_url: str, creds_any: factories.ResellerCreds
 ) -> None:
     """Refusals decided after authentication (checks that need no caller, like a malformed
     cursor, refuse a replay the same way anyway)."""
@@ -292,59 +288,59 @@ def test_other_refusals_burn_the_nonce_too(
             "nonce": secrets.token_hex(12),
             "headers": {"Idempotency-Key": new_key()},
         }
-        first = signed_send(server, creds_any, method, path, **kw)
+        first = signed_send(any_url, creds_any, method, path, **kw)
         assert first.status_code == status, first.text
-        again = signed_send(server, creds_any, method, path, **kw)
+        again = signed_send(any_url, creds_any, method, path, **kw)
         error_of(again, 401, "auth_nonce_reused")
 
 
 def test_bad_signature_does_not_burn_the_nonce(
-    sqlite_server: str, creds: factories.ResellerCreds
+    lite_url: str, creds: factories.ResellerCreds
 ) -> None:
     """Otherwise anyone who sees a nonce in flight could spoil the genuine request."""
     ts, nonce = int(time.time()), secrets.token_hex(12)
     forged = signed_send(
-        sqlite_server, creds, "GET", BALANCE, timestamp=ts, nonce=nonce, secret="sk_forged"
+        lite_url, creds, "GET", BALANCE, timestamp=ts, nonce=nonce, secret="sk_forged"
     )
     error_of(forged, 401, "auth_bad_signature")
-    genuine = signed_send(sqlite_server, creds, "GET", BALANCE, timestamp=ts, nonce=nonce)
+    genuine = signed_send(lite_url, creds, "GET", BALANCE, timestamp=ts, nonce=nonce)
     assert genuine.status_code == 200, genuine.text
 
 
-def test_nonce_is_scoped_per_key(sqlite_container: Container, sqlite_server: str) -> None:
-    a = factories.add_reseller(sqlite_container)
-    b = factories.add_reseller(sqlite_container)
+def test_nonce_is_scoped_per_key(lite_db: Container, lite_url: str) -> None:
+    a = factories.add_reseller(lite_db)
+    b = factories.add_reseller(lite_db)
     ts, nonce = int(time.time()), secrets.token_hex(12)
-    assert signed_send(sqlite_server, a, "GET", BALANCE, timestamp=ts, nonce=nonce).is_success
-    assert signed_send(sqlite_server, b, "GET", BALANCE, timestamp=ts, nonce=nonce).is_success
+    assert signed_send(lite_url, a, "GET", BALANCE, timestamp=ts, nonce=nonce).is_success
+    assert signed_send(lite_url, b, "GET", BALANCE, timestamp=ts, nonce=nonce).is_success
 
 
 # -- revoked keys -------------------------------------------------------------------------------
 
 
 def test_revoked_key_is_refused_immediately(
-    container: Container, server: str, creds_any: factories.ResellerCreds
+    any_db: Container, any_url: str, creds_any: factories.ResellerCreds
 ) -> None:
-    client = factories.client_for(server, creds_any)
+    client = factories.client_for(any_url, creds_any)
     assert client.balance().status_code == 200  # warms the in-memory secret cache
-    with container.db.unit_of_work() as s:
+    with any_db.db.unit_of_work() as s:
         revoked = revoke_credentials(s, name=creds_any.name, actor="staff:t")
     assert revoked == [creds_any.api_key]
     error_of(client.balance(), 401, "auth_key_revoked")
-    sku = factories.add_product(container, stock=1)
+    sku = factories.add_product(any_db, stock=1)
     error_of(client.create_order(sku, 1), 401, "auth_key_revoked")
-    assert factories.wallet_balance(container, creds_any.reseller_id) == (5000, 0)
+    assert factories.wallet_balance(any_db, creds_any.reseller_id) == (5000, 0)
 
 
 # -- tenant isolation ---------------------------------------------------------------------------
 
 
-def test_another_resellers_order_is_not_found(container: Container, server: str) -> None:
-    sku = factories.add_product(container, price_cents=1000, stock=1)
-    out_of_stock = factories.add_product(container, price_cents=1000, stock=0)
-    a = factories.add_reseller(container, balance_cents=5000)
-    b = factories.add_reseller(container, balance_cents=5000)
-    ca, cb = factories.client_for(server, a), factories.client_for(server, b)
+def test_another_resellers_order_is_not_found(any_db: Container, any_url: str) -> None:
+    sku = factories.add_product(any_db, price_cents=1000, stock=1)
+    out_of_stock = factories.add_product(any_db, price_cents=1000, stock=0)
+    a = factories.add_reseller(any_db, balance_cents=5000)
+    b = factories.add_reseller(any_db, balance_cents=5000)
+    ca, cb = factories.client_for(any_url, a), factories.client_for(any_url, b)
     delivered = ca.create_order(sku, 1).json()["order_no"]
     waiting = ca.create_order(out_of_stock, 1)
     assert waiting.json()["status"] == "backordered", waiting.text
@@ -359,14 +355,14 @@ def test_another_resellers_order_is_not_found(container: Container, server: str)
     # A's backordered order is untouched by B's attempt to cancel it; A still owns its money.
     still = ca.order(waiting_no).json()
     assert still["status"] == "backordered"
-    assert factories.wallet_balance(container, a.reseller_id) == (3000, 1000)
-    assert factories.wallet_balance(container, b.reseller_id) == (5000, 0)
+    assert factories.wallet_balance(any_db, a.reseller_id) == (3000, 1000)
+    assert factories.wallet_balance(any_db, b.reseller_id) == (5000, 0)
 
     # Listings never cross tenants, whatever the filters.
     assert all_orders(cb) == []
     assert all_orders(cb, status="delivered") == []
     assert all_orders(cb, sku=sku) == []
-    own = factories.add_product(container, price_cents=1000, stock=1)
+    own = factories.add_product(any_db, price_cents=1000, stock=1)
     mine = cb.create_order(own, 1).json()["order_no"]
     assert [o["order_no"] for o in all_orders(cb)] == [mine]
     assert {o["order_no"] for o in all_orders(ca)} == {delivered, waiting_no}
@@ -376,17 +372,17 @@ def test_another_resellers_order_is_not_found(container: Container, server: str)
 
 
 def test_messages_are_zh_cn_by_default_and_english_on_request(
-    sqlite_container: Container, sqlite_server: str, creds: factories.ResellerCreds
+    lite_db: Container, lite_url: str, creds: factories.ResellerCreds
 ) -> None:
     unknown = "ak_" + secrets.token_hex(12)
-    zh = signed_send(sqlite_server, creds, "GET", BALANCE, api_key=unknown)
+    zh = signed_send(lite_url, creds, "GET", BALANCE, api_key=unknown)
     assert error_of(zh, 401, "auth_invalid_key")["message"] == "API Key 无效"
     en = signed_send(
-        sqlite_server, creds, "GET", BALANCE, api_key=unknown, headers={"Accept-Language": "en"}
+        lite_url, creds, "GET", BALANCE, api_key=unknown, headers={"Accept-Language": "en"}
     )
     assert error_of(en, 401, "auth_invalid_key")["message"] == "Unknown API key"
     en_us = signed_send(
-        sqlite_server,
+        lite_url,
         creds,
         "GET",
         BALANCE,
@@ -395,16 +391,16 @@ def test_messages_are_zh_cn_by_default_and_english_on_request(
     )
     assert error_of(en_us, 401, "auth_invalid_key")["message"] == "Unknown API key"
 
-    missing = httpx.get(sqlite_server + BALANCE)
+    missing = httpx.get(lite_url + BALANCE)
     assert error_of(missing, 401, "auth_missing")["message"].startswith("缺少签名头")
-    missing_en = httpx.get(sqlite_server + BALANCE, headers={"Accept-Language": "en"})
+    missing_en = httpx.get(lite_url + BALANCE, headers={"Accept-Language": "en"})
     assert error_of(missing_en, 401, "auth_missing")["message"].startswith(
         "Missing signature headers"
     )
 
     # Business errors too, through the signed client.
-    zh_client = factories.client_for(sqlite_server, creds)
-    en_client = factories.client_for(sqlite_server, creds, language="en")
+    zh_client = factories.client_for(lite_url, creds)
+    en_client = factories.client_for(lite_url, creds, language="en")
     assert error_of(zh_client.create_order("NOPE-1"), 404, "sku_not_found")["message"] == (
         "商品规格 NOPE-1 不存在"
     )

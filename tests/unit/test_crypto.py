@@ -176,7 +176,7 @@ def test_wrapped_dek_unwraps_in_a_new_process() -> None:
 
 def test_wrapped_dek_does_not_contain_the_dek() -> None:
     vault = Vault(MASTER)
-    aead, wrapped = vault.new_data_key("batch-1")
+    _aead, wrapped = vault.new_data_key("batch-1")
     assert len(wrapped) == NONCE_BYTES + 32 + 16
     # the same batch uid gets a different DEK each time
     _, wrapped2 = vault.new_data_key("batch-1")

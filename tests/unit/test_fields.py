@@ -364,7 +364,7 @@ def test_phone_format_error_message() -> None:
     reason="BUG: \\d matches non-ASCII digits; full-width phone stored un-normalised",
 )
 def test_fullwidth_digits_in_phone_refused_or_normalised() -> None:
-    """'13８００１３８０００' must not be stored as is: suppliers and the duplicate guard need ASCII."""
+    """Full-width digits must not be stored as is: suppliers and the duplicate guard need ASCII."""
     raw = "13８００１３８０００"
     try:
         clean = validate_fields(PHONE, {"phone": raw})

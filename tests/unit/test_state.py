@@ -138,9 +138,7 @@ def test_nothing_returns_to_pending_payment() -> None:
     list(itertools.product(ORIGINS, ALL_STATUSES)),
     ids=lambda v: str(v),
 )
-def test_check_transition_accepts_exactly_the_table(
-    origin: Status | None, target: Status
-) -> None:
+def test_check_transition_accepts_exactly_the_table(origin: Status | None, target: Status) -> None:
     """Every (from, to) pair: allowed iff in TRANSITIONS (or a creation target for None)."""
     if _allowed(origin, target):
         move = check_transition(origin, target)

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from sqlalchemy.engine import Connection
 
 from kameng.container import Container
+from kameng.db import savepoint
 from kameng.errors import ErrorCode, KamengError, normalize_language
 from kameng.resellers import service as resellers
 from kameng.resellers.service import Caller
@@ -123,14 +124,11 @@ def run_signed(
             window_s=container.settings.signature_window_s,
         ):
             raise KamengError(ErrorCode.auth_nonce_reused)
-        savepoint = conn.begin_nested()
         try:
-            result = handler(conn, caller)
+            with savepoint(conn):
+                return handler(conn, caller)
         except KamengError as exc:
-            savepoint.rollback()
             return _Refused(exc)
-        savepoint.commit()
-        return result
 
     outcome = container.writer.run(job)
     if isinstance(outcome, _Refused):

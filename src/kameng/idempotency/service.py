@@ -12,6 +12,7 @@ the same key is safe and lets a client fix (say) its balance and try again.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,18 +20,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, text
+from sqlalchemy import delete, text
 from sqlalchemy.engine import Connection
 
-from kameng.db import table
+from kameng.db import RawSQL, db_time, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.idempotency.models import IdempotencyRecord
 
 _rec = table(IdempotencyRecord)
-_FIND = select(_rec.c.request_hash, _rec.c.status_code, _rec.c.response).where(
-    _rec.c.scope == bindparam("scope"), _rec.c.key == bindparam("key")
+_FIND = RawSQL(
+    "SELECT request_hash, status_code, response FROM idempotency_keys "
+    "WHERE scope = :scope AND key = :key"
 )
-_INSERT = insert(_rec)
+_INSERT = RawSQL(
+    "INSERT INTO idempotency_keys (scope, key, request_hash, status_code, response, created_at) "
+    "VALUES (:scope, :key, :request_hash, :status_code, :response, :created_at)"
+)
 MAX_KEY_LENGTH = 255
 
 
@@ -85,12 +90,15 @@ def lock_across_processes(conn: Connection, *, scope: str, key: str) -> None:
 
 
 def find(conn: Connection, *, scope: str, key: str, req_hash: bytes) -> Stored | None:
-    row = conn.execute(_FIND, {"scope": scope, "key": key}).first()
+    row = _FIND.one(conn, {"scope": scope, "key": key})
     if row is None:
         return None
-    if bytes(row.request_hash) != req_hash:
+    stored_hash, status_code, response = row
+    if bytes(stored_hash) != req_hash:
         raise KamengError(ErrorCode.idempotency_key_reused)
-    return Stored(int(row.status_code), row.response)
+    if isinstance(response, str | bytes):
+        response = json.loads(response)
+    return Stored(int(status_code), response)
 
 
 def store(
@@ -103,17 +111,17 @@ def store(
     response: dict[str, Any],
     now: datetime,
 ) -> None:
-    conn.execute(
-        _INSERT,
+    _INSERT.run(
+        conn,
         {
             "scope": scope,
             "key": key,
             "request_hash": req_hash,
             "status_code": status_code,
-            "response": response,
-            "created_at": now,
+            "response": json.dumps(response, ensure_ascii=False),
+            "created_at": db_time(conn, now),
         },
-    )
+    ).close()
 
 
 def prune(conn: Connection, *, older_than: datetime) -> int:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.engine import Connection
 
-from kameng.db import table
+from kameng.db import RawSQL, db_time, table
 from kameng.inventory.models import CardKey, KeyReveal, KeyState, StockBatch
 from kameng.security.crypto import Vault, decode_card_key, encode_card_key
 
@@ -191,31 +191,24 @@ def _claim_sql(dialect: str, quantity: int) -> str:
     )
 
 
-_CLAIM_CACHE: dict[tuple[str, int], object] = {}
+_CLAIMS: dict[tuple[str, int], RawSQL] = {}
 
 
 def claim(
     conn: Connection, *, sku_id: int, quantity: int, line_id: int, now: datetime
 ) -> list[ClaimedKey] | None:
     """Claim exactly `quantity` keys for an order line, or none at all (returns None)."""
-    cache_key = (conn.dialect.name, quantity)
-    stmt = _CLAIM_CACHE.get(cache_key)
+    key = (conn.dialect.name, quantity)
+    stmt = _CLAIMS.get(key)
     if stmt is None:
-        stmt = _CLAIM_CACHE.setdefault(cache_key, text(_claim_sql(conn.dialect.name, quantity)))
-    rows = conn.execute(stmt, {"line_id": line_id, "sku_id": sku_id, "now": db_time(conn, now)})  # type: ignore[call-overload]
+        stmt = _CLAIMS.setdefault(key, RawSQL(_claim_sql(conn.dialect.name, quantity)))
+    rows = stmt.all(conn, {"line_id": line_id, "sku_id": sku_id, "now": db_time(conn, now)})
     claimed = [ClaimedKey(r[0], r[1], bytes(r[2]), bytes(r[3])) for r in rows]
     if len(claimed) == quantity:
         return claimed
     if claimed:
         release(conn, line_id=line_id)
     return None
-
-
-def db_time(conn: Connection, now: datetime) -> object:
-    """Raw SQL bypasses UTCDateTime: give SQLite the exact text SQLAlchemy would store."""
-    if conn.dialect.name == "sqlite":
-        return now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    return now
 
 
 def release(conn: Connection, *, line_id: int) -> int:
@@ -289,16 +282,22 @@ def keys_of_line(conn: Connection, *, line_id: int) -> list[ClaimedKey]:
     return [ClaimedKey(r[0], r[1], bytes(r[2]), bytes(r[3])) for r in rows]
 
 
+_INSERT_REVEAL = RawSQL(
+    "INSERT INTO key_reveals (order_id, channel, actor, key_count, at) "
+    "VALUES (:order_id, :channel, :actor, :key_count, :at)"
+)
+
+
 def record_reveal(
     conn: Connection, *, order_id: int, channel: str, actor: str, key_count: int, now: datetime
 ) -> None:
-    conn.execute(
-        insert(_reveal),
+    _INSERT_REVEAL.run(
+        conn,
         {
             "order_id": order_id,
             "channel": channel,
             "actor": actor,
             "key_count": key_count,
-            "at": now,
+            "at": db_time(conn, now),
         },
-    )
+    ).close()

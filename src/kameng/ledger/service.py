@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Connection
 
-from kameng.db import table
+from kameng.db import RawSQL, db_time, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger.models import Account, AccountKind, Entry, Hold, HoldState, LedgerTransaction
 from kameng.money import format_cents
@@ -31,22 +31,6 @@ PLATFORM_ACCOUNTS: dict[AccountKind, bool] = {
     AccountKind.gateway_clearing: True,
     AccountKind.refunds: True,
 }
-
-# Prebuilt statements: building Core statements costs more than running them on SQLite.
-_MOVE = (
-    update(_acc)
-    .where(
-        _acc.c.id == bindparam("acc_id"),
-        or_(_acc.c.allow_negative, _acc.c.balance_cents + bindparam("amt") >= 0),
-    )
-    .values(
-        balance_cents=_acc.c.balance_cents + bindparam("amt"),
-        version=_acc.c.version + 1,
-    )
-    .returning(_acc.c.balance_cents, _acc.c.version)
-)
-_INSERT_TXN = insert(_txn).returning(_txn.c.id)
-_INSERT_ENTRY = insert(_entry)
 
 
 class InsufficientFunds(KamengError):
@@ -121,6 +105,23 @@ def wallet_account(conn: Connection, *, owner_type: str, owner_id: int) -> int:
     return ensure_account(conn, kind=AccountKind.wallet, owner_type=owner_type, owner_id=owner_id)
 
 
+_RAW_TXN = RawSQL(
+    "INSERT INTO ledger_transactions (kind, ref_type, ref_id, actor, memo, created_at) "
+    "VALUES (:kind, :ref_type, :ref_id, :actor, :memo, :created_at) RETURNING id"
+)
+_RAW_MOVE = RawSQL(
+    "UPDATE ledger_accounts SET balance_cents = balance_cents + :amt, version = version + 1 "
+    "WHERE id = :acc_id AND (allow_negative OR balance_cents + :amt >= 0) "
+    "RETURNING balance_cents, version"
+)
+_RAW_BALANCE = RawSQL("SELECT balance_cents FROM ledger_accounts WHERE id = :acc_id")
+_RAW_ENTRIES = RawSQL(
+    "INSERT INTO ledger_entries (transaction_id, account_id, amount_cents, balance_after_cents, "
+    "account_version, created_at) VALUES (:transaction_id, :account_id, :amount_cents, "
+    ":balance_after_cents, :account_version, :created_at)"
+)
+
+
 def post(
     conn: Connection,
     *,
@@ -135,27 +136,26 @@ def post(
     """Write one balanced transaction. Raises InsufficientFunds if a wallet would go negative."""
     if len(legs) < 2 or sum(a for _, a in legs) != 0 or any(a == 0 for _, a in legs):
         raise ValueError(f"unbalanced or empty legs: {legs}")
+    at = db_time(conn, now)
     txn_id = int(
-        conn.execute(
-            _INSERT_TXN,
+        _RAW_TXN.one(
+            conn,
             {
                 "kind": kind,
                 "ref_type": ref_type,
                 "ref_id": ref_id,
                 "actor": actor,
                 "memo": memo,
-                "created_at": now,
+                "created_at": at,
             },
-        ).scalar_one()
+        )[0]
     )
     rows = []
     for account_id, amount in sorted(legs, key=lambda leg: -leg[0]):
-        moved = conn.execute(_MOVE, {"acc_id": account_id, "amt": amount}).first()
+        moved = _RAW_MOVE.one(conn, {"acc_id": account_id, "amt": amount})
         if moved is None:
-            available = conn.execute(
-                select(_acc.c.balance_cents).where(_acc.c.id == account_id)
-            ).scalar()
-            raise InsufficientFunds(needed=-amount, available=int(available or 0))
+            available = _RAW_BALANCE.one(conn, {"acc_id": account_id})
+            raise InsufficientFunds(needed=-amount, available=int(available[0] if available else 0))
         rows.append(
             {
                 "transaction_id": txn_id,
@@ -163,11 +163,18 @@ def post(
                 "amount_cents": amount,
                 "balance_after_cents": moved[0],
                 "account_version": moved[1],
-                "created_at": now,
+                "created_at": at,
             }
         )
-    conn.execute(_INSERT_ENTRY, rows)
+    _RAW_ENTRIES.many(conn, rows)
     return txn_id
+
+
+_RAW_HOLD = RawSQL(
+    "INSERT INTO ledger_holds (account_id, amount_cents, state, ref_type, ref_id, place_txn_id, "
+    "created_at, details) VALUES (:account_id, :amount_cents, 'pending', :ref_type, :ref_id, "
+    ":place_txn_id, :created_at, '{}') RETURNING id"
+)
 
 
 def place_hold(
@@ -190,21 +197,18 @@ def place_hold(
         ref_id=ref_id,
         actor=actor,
     )
-    result = conn.execute(
-        insert(_hold)
-        .values(
-            account_id=wallet_id,
-            amount_cents=amount,
-            state=HoldState.pending.value,
-            ref_type=ref_type,
-            ref_id=ref_id,
-            place_txn_id=txn_id,
-            created_at=now,
-            details={},
-        )
-        .returning(_hold.c.id)
+    row = _RAW_HOLD.one(
+        conn,
+        {
+            "account_id": wallet_id,
+            "amount_cents": amount,
+            "ref_type": ref_type,
+            "ref_id": ref_id,
+            "place_txn_id": txn_id,
+            "created_at": db_time(conn, now),
+        },
     )
-    return int(result.scalar_one())
+    return int(row[0])
 
 
 def _resolve_hold(

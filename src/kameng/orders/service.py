@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind
 from kameng.catalog.service import SkuInfo
-from kameng.db import table
+from kameng.db import RawSQL, db_time, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
@@ -42,30 +42,38 @@ _event = table(OrderEvent)
 _delivery = table(Delivery)
 _acc = table(Account)
 
-_INSERT_ORDER = insert(_order).returning(_order.c.id)
-_INSERT_LINE = insert(_line).returning(_line.c.id)
-_INSERT_EVENT = insert(_event)
-_INSERT_DELIVERY = insert(_delivery)
-_FINISH_ORDER = (
-    update(_order)
-    .where(_order.c.id == bindparam("oid"))
-    .values(
-        status=bindparam("status"),
-        stage=bindparam("stage"),
-        reason=bindparam("reason"),
-        next_action_at=bindparam("next_action_at"),
-        sla_deadline=bindparam("sla_deadline"),
-        hold_id=bindparam("hold_id"),
-        delivered_at=bindparam("delivered_at"),
-        version=_order.c.version + 1,
-    )
-)
-_WALLET_BALANCE = select(_acc.c.balance_cents).where(_acc.c.id == bindparam("acc_id"))
 _NOT_DUPLICATE = sorted(s.value for s in NOT_A_DUPLICATE)
-_RECENT_DUPLICATE = text(
+_RECENT_DUPLICATE = RawSQL(
     "SELECT order_no FROM orders WHERE dedupe_key = :k AND created_at >= :since "
     f"AND status NOT IN ({', '.join(repr(s) for s in _NOT_DUPLICATE)}) "
     "ORDER BY id DESC LIMIT 1"
+)
+_WALLET_BALANCE = RawSQL("SELECT balance_cents FROM ledger_accounts WHERE id = :acc_id")
+_ORDER_COLUMNS = (
+    "order_no, channel, reseller_id, customer_ref, sku_id, status, stage, reason, stage_since, "
+    "next_action_at, sla_deadline, attempts, version, currency, amount_cents, paid_cents, "
+    "refunded_cents, hold_id, dedupe_key, lookup_hash, created_at, updated_at, delivered_at"
+)
+_INSERT_ORDER = RawSQL(
+    f"INSERT INTO orders ({_ORDER_COLUMNS}) VALUES "
+    f"({', '.join(':' + c.strip() for c in _ORDER_COLUMNS.split(','))}) RETURNING id"
+)
+_INSERT_LINE = RawSQL(
+    "INSERT INTO order_lines (order_id, sku_id, quantity, unit_price_cents, fields) "
+    "VALUES (:order_id, :sku_id, :quantity, :unit_price_cents, :fields) RETURNING id"
+)
+_INSERT_EVENT = RawSQL(
+    "INSERT INTO order_events (order_id, from_status, to_status, stage, reason, actor, details, "
+    "at) VALUES (:order_id, :from_status, :to_status, :stage, :reason, :actor, :details, :at)"
+)
+_INSERT_DELIVERY = RawSQL(
+    "INSERT INTO deliveries (order_line_id, source, key_count, delivered_at) "
+    "VALUES (:order_line_id, :source, :key_count, :delivered_at)"
+)
+_FINISH_ORDER = RawSQL(
+    "UPDATE orders SET status = :status, stage = :stage, reason = :reason, "
+    "next_action_at = :next_action_at, sla_deadline = :sla_deadline, hold_id = :hold_id, "
+    "delivered_at = :delivered_at, version = version + 1 WHERE id = :oid"
 )
 
 
@@ -127,9 +135,10 @@ def _guard_duplicates(conn: Connection, key: bytes, now: datetime, window_s: int
             text("SELECT pg_advisory_xact_lock(:k)"),
             {"k": int.from_bytes(key[:8], "big", signed=True)},
         )
-    since = inventory.db_time(conn, now - timedelta(seconds=window_s))
-    earlier = conn.execute(_RECENT_DUPLICATE, {"k": key, "since": since}).scalar()
-    if earlier is not None:
+    since = db_time(conn, now - timedelta(seconds=window_s))
+    row = _RECENT_DUPLICATE.one(conn, {"k": key, "since": since})
+    if row is not None:
+        earlier = row[0]
         raise KamengError(
             ErrorCode.duplicate_order_suspected,
             order_no=earlier,
@@ -139,6 +148,7 @@ def _guard_duplicates(conn: Connection, key: bytes, now: datetime, window_s: int
 
 
 def _event_row(
+    conn: Connection,
     order_id: int,
     from_status: Status | None,
     to_status: Status,
@@ -156,8 +166,8 @@ def _event_row(
         "stage": move.stage.value,
         "reason": reason,
         "actor": actor,
-        "details": details or {},
-        "at": now,
+        "details": json.dumps(details or {}, ensure_ascii=False),
+        "at": db_time(conn, now),
     }
 
 
@@ -182,15 +192,16 @@ def place_order(
     if not cmd.confirm_duplicate:
         _guard_duplicates(conn, key, now, policy.duplicate_window_s)
     # Cheap early refusal so a buyer without funds never locks stock, even briefly.
-    available = int(conn.execute(_WALLET_BALANCE, {"acc_id": buyer.wallet_id}).scalar_one())
+    available = int(_WALLET_BALANCE.one(conn, {"acc_id": buyer.wallet_id})[0])
     if available < amount:
         raise ledger.InsufficientFunds(needed=amount, available=available)
 
     order_no = new_order_no(now)
     lookup_secret = new_lookup_secret()
+    at = db_time(conn, now)
     order_id = int(
-        conn.execute(
-            _INSERT_ORDER,
+        _INSERT_ORDER.one(
+            conn,
             {
                 "order_no": order_no,
                 "channel": cmd.channel,
@@ -200,7 +211,7 @@ def place_order(
                 "status": Status.paid.value,
                 "stage": Stage.payment_received.value,
                 "reason": "paid_from_balance",
-                "stage_since": now,
+                "stage_since": at,
                 "next_action_at": None,
                 "sla_deadline": None,
                 "attempts": 0,
@@ -212,25 +223,27 @@ def place_order(
                 "hold_id": None,
                 "dedupe_key": key,
                 "lookup_hash": vault.lookup_hash(order_no, lookup_secret),
-                "created_at": now,
-                "updated_at": now,
+                "created_at": at,
+                "updated_at": at,
                 "delivered_at": None,
             },
-        ).scalar_one()
+        )[0]
     )
     line_id = int(
-        conn.execute(
-            _INSERT_LINE,
+        _INSERT_LINE.one(
+            conn,
             {
                 "order_id": order_id,
                 "sku_id": sku.id,
                 "quantity": cmd.quantity,
                 "unit_price_cents": cmd.unit_price_cents,
-                "fields": cmd.fields,
+                "fields": json.dumps(cmd.fields, ensure_ascii=False),
             },
-        ).scalar_one()
+        )[0]
     )
-    events = [_event_row(order_id, None, Status.paid, None, "paid_from_balance", buyer.actor, now)]
+    events = [
+        _event_row(conn, order_id, None, Status.paid, None, "paid_from_balance", buyer.actor, now)
+    ]
     claimed: list[inventory.ClaimedKey] | None = None
     if sku.delivery_kind == DeliveryKind.card_key.value:
         claimed = inventory.claim(
@@ -244,6 +257,7 @@ def place_order(
         status, stage, reason = Status.delivered, Stage.delivered, "own_stock"
         events.append(
             _event_row(
+                conn,
                 order_id,
                 Status.paid,
                 Status.fulfilling,
@@ -255,6 +269,7 @@ def place_order(
         )
         events.append(
             _event_row(
+                conn,
                 order_id,
                 Status.fulfilling,
                 Status.delivered,
@@ -265,15 +280,15 @@ def place_order(
                 {"keys": len(claimed)},
             )
         )
-        conn.execute(
-            _INSERT_DELIVERY,
+        _INSERT_DELIVERY.run(
+            conn,
             {
                 "order_line_id": line_id,
                 "source": "own_stock",
                 "key_count": len(claimed),
-                "delivered_at": now,
+                "delivered_at": at,
             },
-        )
+        ).close()
         inventory.record_reveal(
             conn,
             order_id=order_id,
@@ -289,6 +304,7 @@ def place_order(
             next_action_at = now + timedelta(seconds=policy.backorder_retry_s)
             events.append(
                 _event_row(
+                    conn,
                     order_id,
                     Status.paid,
                     status,
@@ -307,9 +323,11 @@ def place_order(
             else:
                 stage, reason = Stage.staff_processing, "awaiting_staff"
                 next_action_at = sla_deadline
-            events.append(_event_row(order_id, Status.paid, status, stage, reason, "system", now))
+            events.append(
+                _event_row(conn, order_id, Status.paid, status, stage, reason, "system", now)
+            )
 
-    conn.execute(_INSERT_EVENT, events)
+    _INSERT_EVENT.many(conn, events)
     # Ledger last: the wallet and platform rows are the most contended in the whole database.
     if status is Status.delivered:
         ledger.post(
@@ -332,19 +350,19 @@ def place_order(
             now=now,
             actor=buyer.actor,
         )
-    conn.execute(
-        _FINISH_ORDER,
+    _FINISH_ORDER.run(
+        conn,
         {
             "oid": order_id,
             "status": status.value,
             "stage": stage.value,
             "reason": reason,
-            "next_action_at": next_action_at,
-            "sla_deadline": sla_deadline,
             "hold_id": hold_id,
-            "delivered_at": now if status is Status.delivered else None,
+            "next_action_at": db_time(conn, next_action_at),
+            "sla_deadline": db_time(conn, sla_deadline),
+            "delivered_at": at if status is Status.delivered else None,
         },
-    )
+    ).close()
     return Placed(
         order_id=order_id,
         order_no=order_no,
@@ -391,7 +409,7 @@ def transition(
 ) -> None:
     """Move an order by compare-and-set on its version, with its event row in the same txn."""
     from_status = Status(order.status)
-    event = _event_row(order.id, from_status, to_status, stage, reason, actor, now, details)
+    event = _event_row(conn, order.id, from_status, to_status, stage, reason, actor, now, details)
     changed = conn.execute(
         update(_order)
         .where(_order.c.id == order.id, _order.c.version == order.version)
@@ -408,7 +426,7 @@ def transition(
     ).rowcount
     if changed != 1:
         raise KamengError(ErrorCode.concurrent_update)
-    conn.execute(_INSERT_EVENT, [event])
+    _INSERT_EVENT.many(conn, [event])
 
 
 def cancel_order(

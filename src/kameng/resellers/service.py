@@ -12,14 +12,12 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, delete, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from kameng.audit import service as audit
-from kameng.db import table
+from kameng.db import RawSQL, db_time, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
 from kameng.ledger.models import Account
@@ -33,26 +31,12 @@ _nonce = table(ApiNonce)
 _tier = table(Tier)
 _acc = table(Account)
 
-_AUTH_QUERY = (
-    select(
-        _cred.c.id,
-        _cred.c.status,
-        _cred.c.sealed_secret,
-        _cred.c.reseller_id,
-        _reseller.c.name,
-        _reseller.c.status.label("reseller_status"),
-        _reseller.c.tier_id,
-        _acc.c.id.label("wallet_id"),
-    )
-    .join(_reseller, _reseller.c.id == _cred.c.reseller_id)
-    .outerjoin(
-        _acc,
-        (_acc.c.kind == "wallet")
-        & (_acc.c.owner_type == "reseller")
-        & (_acc.c.owner_id == _reseller.c.id)
-        & (_acc.c.currency == "CNY"),
-    )
-    .where(_cred.c.api_key == bindparam("api_key"))
+_AUTH_QUERY = RawSQL(
+    "SELECT c.id, c.status, c.sealed_secret, c.reseller_id, r.name, r.status, r.tier_id, a.id "
+    "FROM api_credentials c JOIN resellers r ON r.id = c.reseller_id "
+    "LEFT JOIN ledger_accounts a ON a.kind = 'wallet' AND a.owner_type = 'reseller' "
+    "AND a.owner_id = r.id AND a.currency = 'CNY' "
+    "WHERE c.api_key = :api_key"
 )
 
 
@@ -203,45 +187,42 @@ class Authenticator:
         self._secrets: dict[tuple[int, bytes], str] = {}
 
     def caller(self, conn: Connection, api_key: str) -> Caller:
-        row = conn.execute(_AUTH_QUERY, {"api_key": api_key}).first()
+        row = _AUTH_QUERY.one(conn, {"api_key": api_key})
         if row is None:
             raise KamengError(ErrorCode.auth_invalid_key)
-        if row.status != "active" or row.reseller_status != "active":
+        cred_id, status, sealed_raw, reseller_id, name, reseller_status, tier_id, wallet_id = row
+        if status != "active" or reseller_status != "active":
             raise KamengError(ErrorCode.auth_key_revoked)
-        sealed = bytes(row.sealed_secret)
-        secret = self._secrets.get((row.id, sealed))
+        sealed = bytes(sealed_raw)
+        secret = self._secrets.get((cred_id, sealed))
         if secret is None:
             secret = self.vault.unseal(sealed, _credential_context(api_key))
-            self._secrets[(row.id, sealed)] = secret
-        wallet_id = row.wallet_id
+            self._secrets[(cred_id, sealed)] = secret
         if wallet_id is None:
-            wallet_id = reseller_wallet(conn, reseller_id=row.reseller_id)
-        return Caller(row.id, row.reseller_id, row.name, row.tier_id, secret, int(wallet_id))
+            wallet_id = reseller_wallet(conn, reseller_id=reseller_id)
+        return Caller(cred_id, reseller_id, name, tier_id, secret, int(wallet_id))
 
 
-_NONCE_INSERTS = {
-    "sqlite": sqlite_insert(_nonce)
-    .on_conflict_do_nothing(index_elements=["credential_id", "nonce"])
-    .returning(_nonce.c.id),
-    "postgresql": pg_insert(_nonce)
-    .on_conflict_do_nothing(index_elements=["credential_id", "nonce"])
-    .returning(_nonce.c.id),
-}
+_INSERT_NONCE = RawSQL(
+    "INSERT INTO api_nonces (credential_id, nonce, expires_at) "
+    "VALUES (:credential_id, :nonce, :expires_at) "
+    "ON CONFLICT (credential_id, nonce) DO NOTHING RETURNING id"
+)
 
 
 def remember_nonce(
     conn: Connection, *, credential_id: int, nonce: str, now: datetime, window_s: int
 ) -> bool:
     """Record a nonce; False if it was already used (a replay). Never aborts the transaction."""
-    result = conn.execute(
-        _NONCE_INSERTS[conn.dialect.name],
+    row = _INSERT_NONCE.one(
+        conn,
         {
             "credential_id": credential_id,
             "nonce": nonce,
-            "expires_at": now + timedelta(seconds=2 * window_s),
+            "expires_at": db_time(conn, now + timedelta(seconds=2 * window_s)),
         },
     )
-    return result.first() is not None
+    return row is not None
 
 
 def nonce_seen(conn: Connection, *, credential_id: int, nonce: str) -> bool:
