@@ -14,6 +14,7 @@ window in which two batches can deadlock on the same wallet rows.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -22,6 +23,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
+from starlette.concurrency import run_in_threadpool
 
 from kameng.db import Database, savepoint
 
@@ -47,10 +49,22 @@ class TransactionRunner:
         if not self.group_commit:
             with self.db.connect() as conn:
                 return job(conn)
+        return self.submit(job).result()
+
+    def submit(self, job: Callable[[Connection], T]) -> Future[T]:
+        """Queue a job for the writer thread (group commit only); the future resolves after
+        the batch holding it has committed."""
+        assert self.group_commit, "submit() needs group commit; use run()"
         self._ensure_thread()
         future: Future[T] = Future()
         self._queue.put((job, future))
-        return future.result()
+        return future
+
+    async def run_async(self, job: Callable[[Connection], T]) -> T:
+        """`run` for the event loop: no thread hand-off when the writer thread does the work."""
+        if self.group_commit:
+            return await asyncio.wrap_future(self.submit(job))
+        return await run_in_threadpool(self.run, job)
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._thread.is_alive():

@@ -104,16 +104,9 @@ class _Refused:
         self.error = error
 
 
-def run_signed(
+def _signed_job(
     container: Container, req: SignedRequest, handler: Callable[[Connection, Caller], T]
-) -> T:
-    """Authenticate, record the nonce and run `handler` in one write transaction.
-
-    The nonce commits with the handler's effect. If the handler refuses the request, only the
-    handler's savepoint is rolled back: the nonce still commits, so a refused request cannot
-    be replayed later (say, once the balance has been topped up).
-    """
-
+) -> Callable[[Connection], T | _Refused]:
     def job(conn: Connection) -> T | _Refused:
         caller = _authenticate(conn, container, req)
         if not resellers.remember_nonce(
@@ -130,7 +123,29 @@ def run_signed(
         except KamengError as exc:
             return _Refused(exc)
 
-    outcome = container.writer.run(job)
+    return job
+
+
+def run_signed(
+    container: Container, req: SignedRequest, handler: Callable[[Connection, Caller], T]
+) -> T:
+    """Authenticate, record the nonce and run `handler` in one write transaction.
+
+    The nonce commits with the handler's effect. If the handler refuses the request, only the
+    handler's savepoint is rolled back: the nonce still commits, so a refused request cannot
+    be replayed later (say, once the balance has been topped up).
+    """
+    outcome = container.writer.run(_signed_job(container, req, handler))
+    if isinstance(outcome, _Refused):
+        raise outcome.error
+    return outcome
+
+
+async def run_signed_async(
+    container: Container, req: SignedRequest, handler: Callable[[Connection, Caller], T]
+) -> T:
+    """`run_signed` for async endpoints (the order hot path): no thread-pool hand-off."""
+    outcome = await container.writer.run_async(_signed_job(container, req, handler))
     if isinstance(outcome, _Refused):
         raise outcome.error
     return outcome

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Request
 from sqlalchemy.engine import Connection
 
 from kameng.api import render
-from kameng.api.deps import ContainerDep, LanguageDep, SignedDep, run_signed
+from kameng.api.deps import ContainerDep, LanguageDep, SignedDep, run_signed, run_signed_async
 from kameng.api.responses import JSON
 from kameng.api.schemas import (
     BalanceOut,
@@ -92,7 +92,7 @@ def list_products(req: SignedDep, container: ContainerDep, language: LanguageDep
 
 
 @router.post("/orders", status_code=201, response_model=OrderOut, tags=["orders"])
-def create_order(
+async def create_order(
     payload: CreateOrderRequest,
     req: SignedDep,
     container: ContainerDep,
@@ -152,7 +152,7 @@ def create_order(
         return body, placed.keys, sku.id, False
 
     with container.inflight.hold(req.api_key, key):
-        body, keys, sku_id, replayed = run_signed(container, req, handler)
+        body, keys, sku_id, replayed = await run_signed_async(container, req, handler)
     # Committed. Only now do plaintext keys exist, and only in this response.
     if keys:
         body = {**body, "keys": render.decrypt_all(container, sku_id, keys)}
