@@ -105,14 +105,19 @@ def import_file(
     """`progress(n_bytes)` as the file is read."""
 
     def lines() -> Iterable[str]:
+        pending = 0
         with path.open("rb") as fh:
             for raw in fh:
-                if progress:
-                    progress(len(raw))
+                pending += len(raw)
+                if progress and pending >= 1 << 20:  # per MiB: a per-line callback costs more
+                    progress(pending)  # than encrypting the key
+                    pending = 0
                 try:
                     yield raw.decode("utf-8")
                 except UnicodeDecodeError:
                     yield "\x00"  # not valid UTF-8: counted as an invalid line
+        if progress and pending:
+            progress(pending)
 
     return import_lines(
         container,

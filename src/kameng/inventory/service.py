@@ -9,6 +9,7 @@ partial index is used (a bound parameter makes SQLite ignore it).
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ _batch = table(StockBatch)
 _reveal = table(KeyReveal)
 
 MAX_KEY_LENGTH = 512
+_WHITESPACE = re.compile(r"\s")
 INSERT_CHUNK = 5000
 
 
@@ -62,7 +64,8 @@ def parse_line(line: str) -> tuple[str, str | None] | None:
         code, secret = raw, ""
     if not code or len(code) > MAX_KEY_LENGTH or len(secret) > MAX_KEY_LENGTH:
         return None
-    if any(ch.isspace() or not ch.isprintable() for ch in code + secret):
+    text = code + secret
+    if not text.isprintable() or _WHITESPACE.search(text):
         return None
     return code, (secret or None)
 
