@@ -20,8 +20,7 @@ migrate: $(STAMP)
 	$(BIN)/kameng migrate
 
 demo: migrate
-	$(BIN)/kameng demo > $(KAMENG_DATA_DIR)/demo-credentials.txt
-	@cat $(KAMENG_DATA_DIR)/demo-credentials.txt
+	$(BIN)/kameng demo
 
 run: demo
 	@echo
@@ -30,8 +29,8 @@ run: demo
 	@echo "  Reseller API docs         http://127.0.0.1:8000/api/v1/docs"
 	@echo "  OpenAPI                   http://127.0.0.1:8000/api/v1/openapi.json"
 	@echo "  health / metrics          http://127.0.0.1:8000/healthz  /metrics"
-	@echo "  demo reseller credentials above (also in $(KAMENG_DATA_DIR)/demo-credentials.txt)"
-	@echo "  try: $(BIN)/python examples/buy.py  (buys a demo key with those credentials)"
+	@echo "  demo reseller: the api_key / api_secret printed above"
+	@echo "  buy a key from another terminal:  $(BIN)/python examples/buy.py STEAM-50"
 	@echo
 	$(BIN)/kameng serve
 

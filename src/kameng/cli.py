@@ -622,4 +622,13 @@ def demo(
 
     container = _container()
     issued = seed(container, keys_per_sku=keys_per_sku)
+    path = container.settings.data_dir / "demo-credentials.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(
+            {"reseller": issued.name, "api_key": issued.api_key, "api_secret": issued.api_secret},
+            fh,
+        )
     _print_credentials(issued, as_json)
+    if not as_json:
+        console.print(f"(also saved to {path}, mode 0600)")
