@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import traceback
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,7 +18,7 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kameng import __version__
+from kameng import __version__, housekeeping
 from kameng.api import reseller_v1
 from kameng.api.responses import JSON
 from kameng.container import Container
@@ -97,7 +100,17 @@ def create_app(container: Container | None = None) -> FastAPI:
         raise RuntimeError(
             f"database not ready ({type(exc).__name__}); run `kameng migrate` first"
         ) from exc
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(housekeeping.run_forever(container))
+        try:
+            yield
+        finally:
+            task.cancel()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="kameng Reseller API",
         version=__version__,
         description=(

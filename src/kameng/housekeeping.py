@@ -1,0 +1,37 @@
+"""Periodic clean-up of data whose job is done: expired nonces, old idempotency records.
+
+Nonces only need remembering for twice the signature window (a replay outside the window is
+refused by its timestamp anyway); idempotency records are kept for 7 days, well past any
+client's retry horizon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+from kameng.container import Container
+from kameng.idempotency import service as idem
+from kameng.resellers import service as resellers
+
+IDEMPOTENCY_RETENTION = timedelta(days=7)
+INTERVAL_S = 60.0
+log = logging.getLogger("kameng.housekeeping")
+
+
+def prune(container: Container) -> dict[str, int]:
+    now = container.clock()
+    with container.db.connect() as conn:
+        nonces = resellers.prune_nonces(conn, now=now)
+        records = idem.prune(conn, older_than=now - IDEMPOTENCY_RETENTION)
+    return {"nonces": nonces, "idempotency_records": records}
+
+
+async def run_forever(container: Container, interval_s: float = INTERVAL_S) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(prune, container)
+        except Exception as exc:  # keep serving; the next round retries
+            log.warning("housekeeping failed: %s", type(exc).__name__)
