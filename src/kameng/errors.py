@@ -188,12 +188,18 @@ def normalize_language(accept_language: str | None, default: str = "zh-CN") -> s
         return default
     best: tuple[float, str] | None = None
     for part in accept_language.split(","):
-        tag, _, q = part.strip().partition(";q=")
-        tag = tag.strip().lower()
-        try:
-            weight = float(q) if q else 1.0
-        except ValueError:
-            weight = 0.0
+        tag, *params = (p.strip() for p in part.split(";"))
+        tag = tag.lower()
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value.strip())
+                except ValueError:
+                    weight = 0.0
+        if weight <= 0:  # q=0 means "not acceptable"
+            continue
         lang = "en" if tag.startswith("en") else "zh-CN" if tag.startswith("zh") else None
         if lang and (best is None or weight > best[0]):
             best = (weight, lang)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, Inexact, InvalidOperation, localcontext
 
 from kameng.errors import ErrorCode, KamengError
 
@@ -11,15 +11,23 @@ MAX_CENTS = 10**13  # 100 billion yuan: far above any real order, far below int6
 
 def parse_amount(text: str | int | float | Decimal, *, allow_zero: bool = False) -> int:
     """'12.5' -> 1250. Refuses more than two decimals rather than silently rounding money."""
-    try:
-        value = Decimal(str(text).strip())
-    except (InvalidOperation, ValueError):
-        raise KamengError(ErrorCode.invalid_amount, detail=f"{text!r} is not a number") from None
-    if not value.is_finite():
-        raise KamengError(ErrorCode.invalid_amount, detail="not a finite number")
-    cents = value * 100
-    if cents != cents.to_integral_value():
-        raise KamengError(ErrorCode.invalid_amount, detail="at most two decimals")
+    with localcontext() as ctx:
+        ctx.prec = 60
+        ctx.traps[Inexact] = False
+        try:
+            value = Decimal(str(text).strip())
+            if not value.is_finite():
+                raise KamengError(ErrorCode.invalid_amount, detail="not a finite number")
+            if value.adjusted() > 15:
+                raise KamengError(ErrorCode.invalid_amount, detail="too large")
+            cents_exact = value.scaleb(2)
+            cents = cents_exact.to_integral_value()
+        except (InvalidOperation, ValueError, ArithmeticError):
+            raise KamengError(
+                ErrorCode.invalid_amount, detail=f"{str(text)[:40]!r} is not a number"
+            ) from None
+        if cents != cents_exact:
+            raise KamengError(ErrorCode.invalid_amount, detail="at most two decimals")
     result = int(cents)
     if result < 0 or (result == 0 and not allow_zero):
         raise KamengError(ErrorCode.invalid_amount, detail="must be positive")

@@ -33,7 +33,8 @@ class RateLimiter:
             while hits and hits[0] <= now - self.window_s:
                 hits.popleft()
             if len(hits) >= self.limit:
-                retry = max(1, int(hits[0] + self.window_s - now) + 1)
+                oldest = hits[0] if hits else now
+                retry = max(1, int(oldest + self.window_s - now) + 1)
                 raise KamengError(
                     ErrorCode.rate_limited, retry_after=retry, extra={"retry_after": retry}
                 )

@@ -195,10 +195,6 @@ def test_dek_unwrap_with_another_batch_uid_fails_in_a_fresh_vault() -> None:
         Vault(MASTER).data_key("batch-2", wrapped)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DEK cache is keyed by wrapped bytes only, so batch-uid binding is skipped",
-)
 def test_dek_unwrap_with_another_batch_uid_fails_even_when_cached() -> None:
     """The batch binding must not depend on whether this process has seen the DEK before."""
     vault = Vault(MASTER)

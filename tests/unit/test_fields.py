@@ -193,30 +193,18 @@ def test_bad_regex_refused(pattern: str) -> None:
     [
         pytest.param(
             {"name": "f", "pattern": 123},
-            marks=pytest.mark.xfail(
-                strict=True, reason="BUG: non-string pattern raises TypeError from re.compile"
-            ),
             id="pattern-int",
         ),
         pytest.param(
             {"name": "f", "min_length": "x"},
-            marks=pytest.mark.xfail(
-                strict=True, reason="BUG: non-numeric min_length raises ValueError from int()"
-            ),
             id="min-length-text",
         ),
         pytest.param(
             {"name": "f", "max_length": None},
-            marks=pytest.mark.xfail(
-                strict=True, reason="BUG: max_length None raises TypeError from int()"
-            ),
             id="max-length-none",
         ),
         pytest.param(
             {"name": "f", "type": ["text"]},
-            marks=pytest.mark.xfail(
-                strict=True, reason="BUG: unhashable type raises TypeError in the set lookup"
-            ),
             id="type-list",
         ),
     ],
@@ -359,10 +347,6 @@ def test_phone_format_error_message() -> None:
     assert "mobile" in problems[0]["message_en"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: \\d matches non-ASCII digits; full-width phone stored un-normalised",
-)
 def test_fullwidth_digits_in_phone_refused_or_normalised() -> None:
     """Full-width digits must not be stored as is: suppliers and the duplicate guard need ASCII."""
     raw = "13８００１３８０００"

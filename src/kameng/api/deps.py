@@ -64,7 +64,7 @@ async def signed_request(request: Request, container: ContainerDep) -> SignedReq
     timestamp, nonce = headers["x-timestamp"], headers["x-nonce"]
     window = container.settings.signature_window_s
     now = int(container.clock().timestamp())
-    if not timestamp.isdigit() or abs(now - int(timestamp)) > window:
+    if not (timestamp.isascii() and timestamp.isdigit()) or abs(now - int(timestamp)) > window:
         raise KamengError(ErrorCode.auth_timestamp_out_of_window, window=window)
     if len(nonce) > MAX_NONCE_LENGTH or not nonce.isprintable():
         raise KamengError(ErrorCode.auth_missing, headers="X-Nonce (1-128 printable characters)")

@@ -183,7 +183,7 @@ def _decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, value = raw.partition(":")
-        if prefix != "o" or not value.isdigit():
+        if prefix != "o" or not (value.isascii() and value.isdigit()):
             raise ValueError
         return int(value)
     except (ValueError, UnicodeDecodeError):

@@ -9,13 +9,15 @@ are stored, so the duplicate-order guard compares like with like.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 from kameng.errors import ErrorCode, KamengError, field_error
 
 FIELD_TYPES = frozenset({"text", "select", "phone_cn", "qq", "email", "number"})
-_PHONE_CN = re.compile(r"^1[3-9]\d{9}$")
-_QQ = re.compile(r"^[1-9]\d{4,11}$")
+# ASCII digits only: `\d` would also accept other scripts' digits and store them as typed.
+_PHONE_CN = re.compile(r"^1[3-9][0-9]{9}$")
+_QQ = re.compile(r"^[1-9][0-9]{4,11}$")
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[A-Za-z]{2,}$")
 MAX_FIELD_LEN = 256
 
@@ -38,7 +40,7 @@ def validate_template(template: Any) -> list[dict[str, Any]]:
             raise KamengError(ErrorCode.invalid_field_template, detail=f"duplicate field {name}")
         seen.add(name)
         ftype = spec.get("type", "text")
-        if ftype not in FIELD_TYPES:
+        if not isinstance(ftype, str) or ftype not in FIELD_TYPES:
             raise KamengError(
                 ErrorCode.invalid_field_template,
                 detail=f"{name}: type must be one of {sorted(FIELD_TYPES)}",
@@ -54,12 +56,28 @@ def validate_template(template: Any) -> list[dict[str, Any]]:
             )
         pattern = spec.get("pattern")
         if pattern is not None:
+            if not isinstance(pattern, str):
+                raise KamengError(
+                    ErrorCode.invalid_field_template, detail=f"{name}: pattern must be text"
+                )
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise KamengError(
                     ErrorCode.invalid_field_template, detail=f"{name}: bad pattern ({exc})"
                 ) from None
+        lengths = {}
+        for bound in ("min_length", "max_length"):
+            if bound in spec:
+                value = spec[bound]
+                if isinstance(value, str) and value.isascii() and value.isdigit():
+                    value = int(value)  # "8" from a hand-written JSON template is fine
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
+                    raise KamengError(
+                        ErrorCode.invalid_field_template,
+                        detail=f"{name}: {bound} must be a whole number 0-256",
+                    )
+                lengths[bound] = value
         out.append(
             {
                 "name": name,
@@ -69,8 +87,7 @@ def validate_template(template: Any) -> list[dict[str, Any]]:
                 "required": bool(spec.get("required", True)),
                 **({"options": list(options)} if ftype == "select" and options else {}),
                 **({"pattern": pattern} if pattern else {}),
-                **({"min_length": int(spec["min_length"])} if "min_length" in spec else {}),
-                **({"max_length": int(spec["max_length"])} if "max_length" in spec else {}),
+                **lengths,
             }
         )
     return out
@@ -83,6 +100,9 @@ def _check_one(spec: dict[str, Any], raw: Any) -> tuple[str | None, dict[str, st
     if not isinstance(raw, str):
         return None, field_error(name, "type", f"{label} 须为文本", f"{label_en} must be text")
     value = raw.strip()
+    if spec["type"] in ("phone_cn", "qq", "number"):
+        # Full-width digits (１３８…) are what many buyers' input methods type: fold them to ASCII.
+        value = unicodedata.normalize("NFKC", value)
     if spec["type"] == "phone_cn":
         value = re.sub(r"[\s-]", "", value)
         if value.startswith("+86"):
@@ -105,7 +125,7 @@ def _check_one(spec: dict[str, Any], raw: Any) -> tuple[str | None, dict[str, st
         regex, zh, en = checks[ftype]
         if not regex.fullmatch(value):
             return None, field_error(name, "format", f"{label}{zh}", f"{label_en} {en}")
-    if ftype == "number" and not re.fullmatch(r"-?\d+(\.\d+)?", value):
+    if ftype == "number" and not re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", value):
         return None, field_error(name, "format", f"{label}须为数字", f"{label_en} must be a number")
     if ftype == "select" and value not in spec["options"]:
         return None, field_error(

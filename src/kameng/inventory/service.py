@@ -71,7 +71,7 @@ def parse_line(line: str) -> tuple[str, str | None] | None:
 
 
 def is_blank_or_comment(line: str) -> bool:
-    stripped = line.strip()
+    stripped = line.strip().lstrip("\ufeff").strip()
     return not stripped or stripped.startswith("#")
 
 

@@ -67,6 +67,7 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     ),
     Status.fulfilling: frozenset(
         {
+            Status.fulfilling,  # a stage change: allocating -> procuring -> awaiting_supplier
             Status.delivered,
             Status.backordered,
             Status.needs_buyer_action,

@@ -50,7 +50,7 @@ class Vault:
         self._fingerprint_key = _derive(master_key, b"kameng fingerprint v1")
         self._secrets = AESGCM(_derive(master_key, b"kameng secrets v1"))
         self._lookup_key = _derive(master_key, b"kameng lookup v1")
-        self._dek_cache: dict[bytes, AESGCM] = {}
+        self._dek_cache: dict[tuple[str, bytes], AESGCM] = {}
         self._lock = threading.Lock()
 
     # -- card keys --------------------------------------------------------------------------
@@ -65,11 +65,11 @@ class Vault:
         wrapped = nonce + self._kek.encrypt(nonce, dek, b"kameng:dek:v1|" + batch_uid.encode())
         aead = AESGCM(dek)
         with self._lock:
-            self._dek_cache[wrapped] = aead
+            self._dek_cache[(batch_uid, wrapped)] = aead
         return aead, wrapped
 
     def data_key(self, batch_uid: str, wrapped: bytes) -> AESGCM:
-        cached = self._dek_cache.get(wrapped)
+        cached = self._dek_cache.get((batch_uid, wrapped))
         if cached is not None:
             return cached
         dek = self._kek.decrypt(
@@ -77,7 +77,7 @@ class Vault:
         )
         aead = AESGCM(dek)
         with self._lock:
-            self._dek_cache[wrapped] = aead
+            self._dek_cache[(batch_uid, wrapped)] = aead
         return aead
 
     @staticmethod

@@ -81,7 +81,7 @@ def verify_webhook(
             timestamp = value
         elif key == "v1":
             candidates.append(value.lower())
-    if timestamp is None or not timestamp.isdigit() or not candidates:
+    if timestamp is None or not (timestamp.isascii() and timestamp.isdigit()) or not candidates:
         return False
     if abs(now - int(timestamp)) > tolerance_s:
         return False
