@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
 from kameng.catalog import service as catalog
 from kameng.catalog.service import SkuInfo
@@ -93,20 +97,34 @@ class Container:
             self._cache[(kind, key)] = _Cached(value, now + CATALOG_TTL_S)
         return value
 
-    def sku(self, code: str) -> SkuInfo:
+    @contextmanager
+    def _read_session(self, conn: Connection | None) -> Iterator[Session]:
+        """Read on the caller's connection when it has one: a transaction that opened a second
+        connection from the pool could wait forever for a pool emptied by its peers."""
+        if conn is None:
+            with self.db.unit_of_work(write=False) as session:
+                yield session
+            return
+        session = Session(bind=conn)
+        try:
+            yield session
+        finally:
+            session.close()
+
+    def sku(self, code: str, *, conn: Connection | None = None) -> SkuInfo:
         """SKU facts for the hot path; catalog edits show up within CATALOG_TTL_S seconds."""
 
         def load() -> SkuInfo:
-            with self.db.unit_of_work(write=False) as session:
+            with self._read_session(conn) as session:
                 return catalog.get_sku_info(session, code=code)
 
         value = self._cached("sku", code, load)
         assert isinstance(value, SkuInfo)
         return value
 
-    def unit_price(self, *, tier_id: int, sku_id: int) -> int:
+    def unit_price(self, *, tier_id: int, sku_id: int, conn: Connection | None = None) -> int:
         def load() -> int:
-            with self.db.unit_of_work(write=False) as session:
+            with self._read_session(conn) as session:
                 return pricing.price_for(session, tier_id=tier_id, sku_id=sku_id)
 
         value = self._cached("price", (tier_id, sku_id), load)

@@ -109,7 +109,7 @@ async def create_order(
         stored = idem.find(conn, scope=caller.scope, key=key, req_hash=req_hash)
         if stored is not None:
             return _replay(conn, container, caller, stored.response)
-        sku = container.sku(payload.sku)
+        sku = container.sku(payload.sku, conn=conn)
         if not sku.on_sale:
             raise KamengError(ErrorCode.sku_disabled, sku=sku.code)
         if not sku.min_quantity <= payload.quantity <= sku.max_quantity:
@@ -117,7 +117,7 @@ async def create_order(
                 ErrorCode.quantity_out_of_range, min=sku.min_quantity, max=sku.max_quantity
             )
         fields = validate_fields(list(sku.field_template), payload.fields)
-        unit_price = container.unit_price(tier_id=caller.tier_id, sku_id=sku.id)
+        unit_price = container.unit_price(tier_id=caller.tier_id, sku_id=sku.id, conn=conn)
         now = container.clock()
         placed = orders.place_order(
             conn,
@@ -209,7 +209,7 @@ def list_orders(
     def handler(conn: Connection, caller: Caller) -> tuple[list[Any], list[dict[str, Any]]]:
         sku_id = None
         if sku:
-            sku_id = container.sku(sku).id
+            sku_id = container.sku(sku, conn=conn).id
         for value in (created_from, created_to):
             if value is not None and value.tzinfo is None:
                 raise KamengError(ErrorCode.invalid_request, detail="dates need a timezone")
