@@ -38,12 +38,6 @@ def _product_entry(client: Any, sku: str) -> dict[str, Any] | None:
     return None
 
 
-def _xfail_on(request: pytest.FixtureRequest, container: Container, backend: str, why: str) -> None:
-    is_sqlite = container.settings.is_sqlite
-    if (backend == "sqlite") == is_sqlite:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=why))
-
-
 # -- the happy path -----------------------------------------------------------------------------
 
 
@@ -395,13 +389,9 @@ def test_wrong_content_type_is_invalid_request(lite_db: Container, lite_url: str
     error_of(resp, 400, "invalid_request")
 
 
-NUL_BUG = "BUG: a NUL character in a string reaches PostgreSQL (text cannot hold 0x00) -> 500"
-
-
 def test_nul_characters_are_refused_not_500(
     request: pytest.FixtureRequest, any_db: Container, any_url: str
 ) -> None:
-    _xfail_on(request, any_db, "postgresql", NUL_BUG)
     sku = factories.add_product(any_db, stock=2)
     creds = factories.add_reseller(any_db, balance_cents=5000)
     client = factories.client_for(any_url, creds)
@@ -504,10 +494,6 @@ def test_bad_list_parameters(lite_db: Container, lite_url: str, params: dict[str
     error_of(client.orders(**params), 400, "invalid_request")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: reseller_v1._decode_cursor accepts ids beyond int64; the query then fails -> 500",
-)
 def test_cursor_beyond_any_id_is_refused_not_500(any_db: Container, any_url: str) -> None:
     creds = factories.add_reseller(any_db)
     client = factories.client_for(any_url, creds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
+from urllib.parse import unquote
 
 from fastapi import Depends, Request
 from sqlalchemy.engine import Connection
@@ -64,10 +65,15 @@ async def signed_request(request: Request, container: ContainerDep) -> SignedReq
     timestamp, nonce = headers["x-timestamp"], headers["x-nonce"]
     window = container.settings.signature_window_s
     now = int(container.clock().timestamp())
-    if not (timestamp.isascii() and timestamp.isdigit()) or abs(now - int(timestamp)) > window:
+    digits = timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12
+    if not digits or abs(now - int(timestamp)) > window:
         raise KamengError(ErrorCode.auth_timestamp_out_of_window, window=window)
     if len(nonce) > MAX_NONCE_LENGTH or not nonce.isprintable():
         raise KamengError(ErrorCode.auth_missing, headers="X-Nonce (1-128 printable characters)")
+    if "\x00" in unquote(request.url.path) or any(
+        "\x00" in k or "\x00" in v for k, v in request.query_params.multi_items()
+    ):
+        raise KamengError(ErrorCode.invalid_request, detail="NUL characters are not allowed")
     return SignedRequest(
         api_key=headers["x-api-key"],
         timestamp=timestamp,

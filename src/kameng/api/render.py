@@ -33,8 +33,26 @@ def sku_codes(conn: Connection, sku_ids: set[int]) -> dict[int, str]:
     return {int(i): c for i, c in rows}
 
 
+def public_actor(actor: str, *, audience: str) -> str:
+    """Who did it, as the audience may see it: staff are never named, and a buyer looking up
+    an order does not learn the reseller's account name."""
+    if actor.startswith("staff:"):
+        return "staff"
+    if audience == "buyer" and actor.startswith("reseller:"):
+        return "merchant"
+    if audience == "buyer" and actor.startswith("lookup:"):
+        return "buyer"
+    return actor
+
+
 def order_body(
-    order: Any, line: Any, sku_code: str, language: str, *, timeline: list[Any] | None = None
+    order: Any,
+    line: Any,
+    sku_code: str,
+    language: str,
+    *,
+    timeline: list[Any] | None = None,
+    audience: str = "reseller",
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "order_no": order.order_no,
@@ -66,7 +84,7 @@ def order_body(
                 "stage": e.stage,
                 "reason": e.reason,
                 "reason_text": reason_text(e.reason, language),
-                "actor": e.actor if not e.actor.startswith("staff:") else "staff",
+                "actor": public_actor(e.actor, audience=audience),
             }
             for e in timeline
         ]
@@ -111,11 +129,12 @@ def full_order(
     channel: str,
     actor: str,
     with_timeline: bool = True,
+    audience: str = "reseller",
 ) -> tuple[dict[str, Any], list[inventory.ClaimedKey]]:
     line = orders.order_line(conn, order_id=order.id)
     code = sku_codes(conn, {order.sku_id}).get(order.sku_id, "")
     events = orders.timeline(conn, order_id=order.id) if with_timeline else None
-    body = order_body(order, line, code, language, timeline=events)
+    body = order_body(order, line, code, language, timeline=events, audience=audience)
     keys = reveal_keys(conn, container, order=order, line=line, channel=channel, actor=actor)
     return body, keys
 

@@ -140,13 +140,19 @@ async def create_order(
         )
         if placed.keys:
             container.decryptor.preload(conn, {k.batch_id for k in placed.keys})
+        # The lookup secret is stored only hashed on the order; the replayable copy of this
+        # answer keeps it sealed (AES-GCM) so that even this record never holds it in clear.
+        stored_body = {k: v for k, v in body.items() if k != "lookup_secret"}
+        stored_body[SEALED_LOOKUP] = base64.b64encode(
+            container.vault.seal(placed.lookup_secret, _lookup_context(placed.order_no))
+        ).decode()
         idem.store(
             conn,
             scope=caller.scope,
             key=key,
             req_hash=req_hash,
             status_code=201,
-            response=body,
+            response=stored_body,
             now=now,
         )
         return body, placed.keys, sku.id, False
@@ -160,11 +166,23 @@ async def create_order(
     return JSON(body, status_code=201, headers=headers)
 
 
+SEALED_LOOKUP = "_sealed_lookup_secret"
+
+
+def _lookup_context(order_no: str) -> str:
+    return f"idempotent-lookup-secret|{order_no}"
+
+
 def _replay(
     conn: Connection, container: Container, caller: Caller, stored: dict[str, Any]
 ) -> tuple[dict[str, Any], list[Any], int, bool]:
     """The original answer; keys were never stored, so they are re-read from the order."""
     body = dict(stored)
+    sealed = body.pop(SEALED_LOOKUP, None)
+    if sealed is not None:
+        body["lookup_secret"] = container.vault.unseal(
+            base64.b64decode(sealed), _lookup_context(body["order_no"])
+        )
     if body.get("keys") is None:
         return body, [], 0, True
     order = orders.find_order(conn, order_no=body["order_no"], reseller_id=caller.reseller_id)
@@ -183,7 +201,7 @@ def _decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, value = raw.partition(":")
-        if prefix != "o" or not (value.isascii() and value.isdigit()):
+        if prefix != "o" or not (value.isascii() and value.isdigit()) or len(value) > 18:
             raise ValueError
         return int(value)
     except (ValueError, UnicodeDecodeError):
@@ -314,7 +332,13 @@ def lookup_order(
         if order is None:
             raise KamengError(ErrorCode.order_not_found)
         body, keys = render.full_order(
-            conn, container, order, language, channel="lookup", actor=f"lookup:{client}"
+            conn,
+            container,
+            order,
+            language,
+            channel="lookup",
+            audience="buyer",
+            actor=f"lookup:{client}",
         )
     if keys:
         body["keys"] = render.decrypt_all(container, order.sku_id, keys)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Money = Annotated[str, Field(pattern=r"^-?\d+\.\d{2}$", examples=["10.00"])]
 
@@ -18,11 +18,31 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class CreateOrderRequest(BaseModel):
+def _refuse_nul(value: object) -> None:
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("NUL characters are not allowed")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_nul(k)
+            _refuse_nul(v)
+
+
+class StrictBody(BaseModel):
+    """Request bodies: unknown properties refused, and no NUL characters anywhere (PostgreSQL
+    text cannot hold them, and no legitimate key, account or reference contains one)."""
+
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="after")
+    def _no_nul(self) -> StrictBody:
+        for name in type(self).model_fields:
+            _refuse_nul(getattr(self, name))
+        return self
+
+
+class CreateOrderRequest(StrictBody):
     sku: Annotated[str, Field(min_length=1, max_length=64, examples=["GC-100"])]
-    quantity: Annotated[int, Field(ge=1, le=1000)] = 1
+    quantity: Annotated[int, Field(strict=True, ge=1, le=1000)] = 1
     fields: dict[str, str | int] = Field(default_factory=dict)
     customer_ref: Annotated[
         str,
@@ -37,9 +57,7 @@ class CreateOrderRequest(BaseModel):
     )
 
 
-class LookupRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LookupRequest(StrictBody):
     order_no: Annotated[str, Field(min_length=1, max_length=40)]
     secret: Annotated[str, Field(min_length=1, max_length=40)]
 
