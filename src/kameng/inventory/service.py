@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.engine import Connection
 
-from kameng.db import RawSQL, db_time, table
+from kameng.db import RawSQL, db_time, savepoint, table
 from kameng.inventory.models import CardKey, KeyReveal, KeyState, StockBatch
 from kameng.security.crypto import Vault, decode_card_key, encode_card_key
 
@@ -197,6 +197,10 @@ def _claim_sql(dialect: str, quantity: int) -> str:
 _CLAIMS: dict[tuple[str, int], RawSQL] = {}
 
 
+class _ShortClaim(Exception):
+    """Fewer keys than asked for: roll the claim back to its savepoint."""
+
+
 def claim(
     conn: Connection, *, sku_id: int, quantity: int, line_id: int, now: datetime
 ) -> list[ClaimedKey] | None:
@@ -205,13 +209,27 @@ def claim(
     stmt = _CLAIMS.get(key)
     if stmt is None:
         stmt = _CLAIMS.setdefault(key, RawSQL(_claim_sql(conn.dialect.name, quantity)))
-    rows = stmt.all(conn, {"line_id": line_id, "sku_id": sku_id, "now": db_time(conn, now)})
-    claimed = [ClaimedKey(r[0], r[1], bytes(r[2]), bytes(r[3])) for r in rows]
-    if len(claimed) == quantity:
-        return claimed
-    if claimed:
-        release(conn, line_id=line_id)
-    return None
+    params = {"line_id": line_id, "sku_id": sku_id, "now": db_time(conn, now)}
+    if conn.dialect.name == "sqlite":
+        # One writer: nobody else can be looking at these rows, so undoing is enough.
+        claimed = [ClaimedKey(r[0], r[1], bytes(r[2]), bytes(r[3])) for r in stmt.all(conn, params)]
+        if len(claimed) == quantity:
+            return claimed
+        if claimed:
+            release(conn, line_id=line_id)
+        return None
+    # PostgreSQL: a short claim must also drop its row locks at once, or buyers running at the
+    # same time would skip those keys (SKIP LOCKED) and be backordered while stock is there.
+    try:
+        with savepoint(conn):
+            claimed = [
+                ClaimedKey(r[0], r[1], bytes(r[2]), bytes(r[3])) for r in stmt.all(conn, params)
+            ]
+            if len(claimed) != quantity:
+                raise _ShortClaim
+    except _ShortClaim:
+        return None
+    return claimed
 
 
 def release(conn: Connection, *, line_id: int) -> int:

@@ -216,19 +216,27 @@ def _resolve_hold(
     *,
     hold_id: int,
     to_state: HoldState,
-    counter_account: int,
+    counter_account: int | None,
     holds_account: int,
     now: datetime,
     actor: str,
     memo: str,
 ) -> int:
-    """Capture or void a pending hold exactly once (compare-and-set on its state)."""
-    hold = conn.execute(
-        select(_hold.c.amount_cents, _hold.c.state, _hold.c.ref_type, _hold.c.ref_id).where(
-            _hold.c.id == hold_id
-        )
-    ).first()
-    if hold is None or hold.state != HoldState.pending.value:
+    """Capture or void a pending hold exactly once.
+
+    The hold row is locked before its state is read (PostgreSQL; SQLite has one writer), so a
+    second, racing resolution waits and then sees the first one's outcome instead of moving
+    money it no longer has.
+    """
+    stmt = select(
+        _hold.c.amount_cents, _hold.c.state, _hold.c.ref_type, _hold.c.ref_id, _hold.c.account_id
+    ).where(_hold.c.id == hold_id)
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    hold = conn.execute(stmt).first()
+    if counter_account is None and hold is not None:
+        counter_account = int(hold.account_id)  # a void returns money where it came from
+    if hold is None or hold.state != HoldState.pending.value or counter_account is None:
         raise KamengError(
             ErrorCode.invalid_transition,
             from_status=f"hold:{hold.state if hold else 'missing'}",
@@ -278,7 +286,7 @@ def void_hold(
     conn: Connection,
     *,
     hold_id: int,
-    wallet_id: int,
+    wallet_id: int | None = None,
     accounts: PlatformAccounts,
     now: datetime,
     actor: str = "system",
@@ -288,7 +296,7 @@ def void_hold(
         conn,
         hold_id=hold_id,
         to_state=HoldState.voided,
-        counter_account=wallet_id,
+        counter_account=None,  # back to the wallet it was held from, whatever `wallet_id` says
         holds_account=accounts.holds,
         now=now,
         actor=actor,
