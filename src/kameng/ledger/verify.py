@@ -59,15 +59,14 @@ CHECKS: dict[str, str] = {
            OR (h.resolve_txn_id IS NOT NULL AND COALESCE(r.amount_cents, 0) <> -h.amount_cents)
     """,
     "holds_account_equals_pending_holds": """
-        SELECT a.id, a.balance_cents,
-               (SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_holds
-                WHERE state = 'pending' AND account_id IN
-                  (SELECT id FROM ledger_accounts WHERE currency = a.currency)) AS pending
+        SELECT a.currency, SUM(a.balance_cents) AS held_total
         FROM ledger_accounts a
-        WHERE a.kind = 'holds' AND a.balance_cents <>
-              (SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_holds
-               WHERE state = 'pending' AND account_id IN
-                 (SELECT id FROM ledger_accounts WHERE currency = a.currency))
+        WHERE a.kind = 'holds'
+        GROUP BY a.currency
+        HAVING SUM(a.balance_cents) <>
+               (SELECT COALESCE(SUM(h.amount_cents), 0) FROM ledger_holds h
+                JOIN ledger_accounts w ON w.id = h.account_id
+                WHERE h.state = 'pending' AND w.currency = a.currency)
     """,
     "refund_not_above_paid": """
         SELECT o.id, o.order_no, o.paid_cents, o.refunded_cents FROM orders o

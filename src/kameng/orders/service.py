@@ -333,7 +333,7 @@ def place_order(
         ledger.post(
             conn,
             kind="sale",
-            legs=[(buyer.wallet_id, -amount), (accounts.revenue, amount)],
+            legs=[(buyer.wallet_id, -amount), (accounts.revenue_for(order_id), amount)],
             now=now,
             ref_type="order",
             ref_id=order_id,
@@ -343,7 +343,7 @@ def place_order(
         hold_id = ledger.place_hold(
             conn,
             wallet_id=buyer.wallet_id,
-            holds_account=accounts.holds,
+            holds_account=accounts.holds_for(order_id),
             amount=amount,
             ref_type="order",
             ref_id=order_id,
