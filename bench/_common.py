@@ -60,7 +60,9 @@ def start_server(env: dict[str, str], port: int, workers: int) -> Server:
     kameng = Path(sys.executable).with_name("kameng")
     proc = subprocess.Popen(
         [str(kameng), "serve", "--port", str(port), "--workers", str(workers)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -89,9 +91,16 @@ class WrkResult:
     raw: str
 
 
-def run_wrk(url: str, *, connections: int, seconds: int, threads: int = 2,
-            script: Path | None = None, script_args: list[str] | None = None,
-            env: dict[str, str] | None = None) -> WrkResult:
+def run_wrk(
+    url: str,
+    *,
+    connections: int,
+    seconds: int,
+    threads: int = 2,
+    script: Path | None = None,
+    script_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> WrkResult:
     cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency"]
     if script:
         cmd += ["-s", str(script)]
@@ -113,8 +122,16 @@ def run_wrk(url: str, *, connections: int, seconds: int, threads: int = 2,
     status: dict[str, int] = {}
     for code, n in re.findall(r"status (\d{3}): (\d+)", out):
         status[code] = int(n)
-    p50 = float(re.search(r"p50_us=(\d+)", out).group(1)) / 1000 if "p50_us" in out else _pct(out, "50")
-    p99 = float(re.search(r"p99_us=(\d+)", out).group(1)) / 1000 if "p99_us" in out else _pct(out, "99")
+    p50 = (
+        float(re.search(r"p50_us=(\d+)", out).group(1)) / 1000
+        if "p50_us" in out
+        else _pct(out, "50")
+    )
+    p99 = (
+        float(re.search(r"p99_us=(\d+)", out).group(1)) / 1000
+        if "p99_us" in out
+        else _pct(out, "99")
+    )
     return WrkResult(requests, secs, requests / secs, p50, p99, status, cpu, out)
 
 

@@ -26,14 +26,15 @@ from _common import ROOT, env_for, machine, run_wrk, start_server
 
 sys.path.insert(0, str(ROOT / "src"))
 
-from kameng.config import Settings  # noqa: E402
-from kameng.container import Container  # noqa: E402
-from kameng.inventory.flows import import_lines  # noqa: E402
-from kameng.ledger import service as ledger  # noqa: E402
-from kameng.migrate import upgrade  # noqa: E402
-from kameng.resellers import service as resellers  # noqa: E402
-from kameng.security.signing import sign_request  # noqa: E402
-from tests.support.factories import add_product  # noqa: E402
+from tests.support.factories import add_product
+
+from kameng.config import Settings
+from kameng.container import Container
+from kameng.inventory.flows import import_lines
+from kameng.ledger import service as ledger
+from kameng.migrate import upgrade
+from kameng.resellers import service as resellers
+from kameng.security.signing import sign_request
 
 SKU = "BENCH-KEY"
 PRICE_CENTS = 1000
@@ -42,8 +43,10 @@ RESELLERS = 16
 
 def seed(data_dir: Path, database_url: str | None, keys: int) -> list[tuple[str, str]]:
     settings = Settings(
-        data_dir=data_dir, database_url=database_url, master_key=env_for(data_dir, None)[
-            "KAMENG_MASTER_KEY"], app_secret="bench-app-secret",
+        data_dir=data_dir,
+        database_url=database_url,
+        master_key=env_for(data_dir, None)["KAMENG_MASTER_KEY"],
+        app_secret="bench-app-secret",
     )
     upgrade(settings.resolved_database_url)
     container = Container.build(settings)
@@ -53,9 +56,14 @@ def seed(data_dir: Path, database_url: str | None, keys: int) -> list[tuple[str,
     batch = 50_000
     for start in range(0, keys, batch):
         import_lines(
-            container, sku_code=SKU,
-            lines=(f"BK-{i:08d}-{secrets.token_hex(6)}" for i in range(start, min(keys, start + batch))),
-            source="bench", unit_cost_cents=900, actor="staff:bench",
+            container,
+            sku_code=SKU,
+            lines=(
+                f"BK-{i:08d}-{secrets.token_hex(6)}" for i in range(start, min(keys, start + batch))
+            ),
+            source="bench",
+            unit_cost_cents=900,
+            actor="staff:bench",
         )
     print(f"seeded {keys} keys in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     creds = []
@@ -66,8 +74,14 @@ def seed(data_dir: Path, database_url: str | None, keys: int) -> list[tuple[str,
             )
         with container.db.connect() as conn:
             wallet = resellers.reseller_wallet(conn, reseller_id=issued.reseller_id)
-            ledger.topup(conn, wallet_id=wallet, accounts=container.accounts,
-                         amount=10**11, now=container.clock(), actor="staff:bench")
+            ledger.topup(
+                conn,
+                wallet_id=wallet,
+                accounts=container.accounts,
+                amount=10**11,
+                now=container.clock(),
+                actor="staff:bench",
+            )
         creds.append((issued.api_key, issued.api_secret))
     container.close()
     return creds
@@ -78,8 +92,9 @@ def presign(creds: list[tuple[str, str]], count: int, path: Path) -> None:
     with path.open("w") as fh:
         for i in range(count):
             key, secret = creds[i % len(creds)]
-            body = json.dumps({"sku": SKU, "quantity": 1, "customer_ref": f"c{i}"},
-                              separators=(",", ":"))
+            body = json.dumps(
+                {"sku": SKU, "quantity": 1, "customer_ref": f"c{i}"}, separators=(",", ":")
+            )
             nonce = secrets.token_hex(8)
             sig = sign_request(secret, "POST", "/api/v1/orders", ts, nonce, body.encode())
             fh.write(f"/api/v1/orders\t{key}\t{ts}\t{nonce}\t{sig}\t{uuid.uuid4()}\t{body}\n")
@@ -88,8 +103,11 @@ def presign(creds: list[tuple[str, str]], count: int, path: Path) -> None:
 def count_orders(data_dir: Path, database_url: str | None) -> dict[str, int]:
     from kameng.orders.service import count_by_status
 
-    settings = Settings(data_dir=data_dir, database_url=database_url,
-                        master_key=env_for(data_dir, None)["KAMENG_MASTER_KEY"])
+    settings = Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        master_key=env_for(data_dir, None)["KAMENG_MASTER_KEY"],
+    )
     container = Container.build(settings)
     with container.db.connect(write=False) as conn:
         counts = count_by_status(conn)
@@ -137,13 +155,18 @@ def main() -> None:
             # warm-up (also fills caches), then the measured run
             run_wrk(server.url + "/healthz", connections=8, seconds=2)
             orders = run_wrk(
-                server.url, connections=args.connections, seconds=args.seconds,
+                server.url,
+                connections=args.connections,
+                seconds=args.seconds,
                 script=ROOT / "bench" / "signed_orders.lua",
                 script_args=[str(requests_file), "2"],
             )
             if args.db == "sqlite":
-                base = run_wrk(server.url + "/healthz", connections=args.connections,
-                               seconds=min(10, args.seconds))
+                base = run_wrk(
+                    server.url + "/healthz",
+                    connections=args.connections,
+                    seconds=min(10, args.seconds),
+                )
                 baseline = base.rps
         finally:
             server.stop()
@@ -151,7 +174,9 @@ def main() -> None:
             assert cluster is not None
             cluster.create_database("pgbench")
             cluster.run_pgbench("pgbench", "-i", "-q", "-s", "10")
-            out = cluster.run_pgbench("pgbench", "-c", "8", "-j", "2", "-T", str(min(20, args.seconds)))
+            out = cluster.run_pgbench(
+                "pgbench", "-c", "8", "-j", "2", "-T", str(min(20, args.seconds))
+            )
             from tests.support.pgcluster import pgbench_tps
 
             baseline = pgbench_tps(out)
@@ -161,9 +186,10 @@ def main() -> None:
         orders_per_s = ok / orders.seconds
         print(f"machine: {machine()}", file=sys.stderr)
         print(f"statuses: {orders.status}  orders by status: {counts}", file=sys.stderr)
+        baseline_name = "healthz_rps" if args.db == "sqlite" else "pgbench_tps"
         print(
             f"db={args.db} workers={workers} orders_per_s={orders_per_s:.0f} "
-            f"delivered={delivered} baseline={'healthz_rps' if args.db == 'sqlite' else 'pgbench_tps'} "
+            f"delivered={delivered} baseline={baseline_name} "
             f"baseline_rps={baseline:.0f} ratio={orders_per_s / baseline:.3f} "
             f"p50_ms={orders.p50_ms:.1f} p99_ms={orders.p99_ms:.1f} "
             f"client_cpu={orders.client_cpu * 100:.1f}% books_clean={counts['_books_clean']}"

@@ -26,10 +26,11 @@ from _common import ROOT, env_for, machine
 
 sys.path.insert(0, str(ROOT / "src"))
 
-from kameng.config import Settings  # noqa: E402
-from kameng.container import Container  # noqa: E402
-from kameng.migrate import upgrade  # noqa: E402
-from tests.support.factories import add_product  # noqa: E402
+from tests.support.factories import add_product
+
+from kameng.config import Settings
+from kameng.container import Container
+from kameng.migrate import upgrade
 
 
 def write_keys(path: Path, n: int) -> None:
@@ -90,7 +91,10 @@ def main() -> None:
         started = time.perf_counter()
         out = subprocess.run(
             [str(kameng), "stock", "import", "--sku", "GC-100", str(keys_file), "--json"],
-            env=env, check=True, capture_output=True, text=True,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         elapsed = time.perf_counter() - started
         summary = json.loads(out.strip().splitlines()[-1])
