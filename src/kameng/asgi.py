@@ -1,5 +1,6 @@
 """ASGI entry point for uvicorn (`kameng.asgi:app`); each process builds its own container."""
 
+import gc
 import sys
 
 from kameng.app import create_app
@@ -10,3 +11,10 @@ from kameng.app import create_app
 sys.setswitchinterval(0.0005)
 
 app = create_app()
+
+# Everything built so far lives as long as the process: keep it out of the cyclic collector,
+# and collect young garbage less often. Full collections over a large, stable heap were the
+# longest pauses a request could hit (they showed as the slowest percent of orders).
+gc.collect()
+gc.freeze()
+gc.set_threshold(50_000, 20, 100)
