@@ -87,13 +87,13 @@ def seed(data_dir: Path, database_url: str | None, keys: int) -> list[tuple[str,
     return creds
 
 
-def presign(creds: list[tuple[str, str]], count: int, path: Path) -> None:
+def presign(creds: list[tuple[str, str]], count: int, path: Path, tag: str = "c") -> None:
     ts = str(int(time.time()))
     with path.open("w") as fh:
         for i in range(count):
             key, secret = creds[i % len(creds)]
             body = json.dumps(
-                {"sku": SKU, "quantity": 1, "customer_ref": f"c{i}"}, separators=(",", ":")
+                {"sku": SKU, "quantity": 1, "customer_ref": f"{tag}{i}"}, separators=(",", ":")
             )
             nonce = secrets.token_hex(8)
             sig = sign_request(secret, "POST", "/api/v1/orders", ts, nonce, body.encode())
@@ -149,7 +149,7 @@ def main() -> None:
         requests_file = tmp / "requests.tsv"
         warmup_file = tmp / "warmup.tsv"
         presign(creds, count=args.keys, path=requests_file)
-        presign(creds, count=5000, path=warmup_file)
+        presign(creds, count=5000, path=warmup_file, tag="warm")
         env = env_for(tmp, database_url)
         env["KAMENG_DB_POOL_SIZE"] = "4"
         server = start_server(env, args.port, workers)
@@ -195,6 +195,9 @@ def main() -> None:
         orders_per_s = ok / orders.seconds
         print(f"machine: {machine()}", file=sys.stderr)
         print(f"statuses: {orders.status}  orders by status: {counts}", file=sys.stderr)
+        for line in orders.raw.splitlines():
+            if line.startswith("sample non-201"):
+                print(line, file=sys.stderr)
         baseline_name = "healthz_rps" if args.db == "sqlite" else "pgbench_tps"
         print(
             f"db={args.db} workers={workers} orders_per_s={orders_per_s:.0f} "

@@ -39,6 +39,7 @@ end
 
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
+  if status ~= 201 and not sample then sample = string.sub(body, 1, 300) end
 end
 
 function done(summary, latency, requests)
@@ -50,5 +51,9 @@ function done(summary, latency, requests)
     end
   end
   for code, n in pairs(totals) do io.write(string.format("status %d: %d\n", code, n)) end
+  for _, t in ipairs(threads) do
+    local body = t:get("sample")
+    if body then io.write("sample non-201 answer: " .. body .. "\n") end
+  end
   io.write(string.format("p50_us=%d p99_us=%d\n", latency:percentile(50), latency:percentile(99)))
 end

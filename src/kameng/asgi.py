@@ -8,9 +8,9 @@ from kameng.app import create_app
 # SQLite calls release the GIL; with the default 5 ms switch interval a thread that holds the
 # database write lock waits behind busy request threads to get the GIL back after every
 # statement (a lock convoy). A shorter interval keeps the write lock's hold time short.
-sys.setswitchinterval(0.0005)
-
 app = create_app()
+if app.state.container.db.is_sqlite:
+    sys.setswitchinterval(0.0005)
 
 # Everything built so far lives as long as the process: keep it out of the cyclic collector,
 # and collect young garbage less often. Full collections over a large, stable heap were the

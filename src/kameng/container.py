@@ -56,7 +56,7 @@ class Container:
     def __post_init__(self) -> None:
         self.decryptor = KeyDecryptor(self.vault)
         self.authenticator = Authenticator(self.vault)
-        self.writer = TransactionRunner(self.db)
+        self.writer = TransactionRunner(self.db, threads=self.settings.db_pool_size)
         self.policy = Policy(
             duplicate_window_s=self.settings.duplicate_order_window_s,
             backorder_retry_s=self.settings.backorder_retry_s,

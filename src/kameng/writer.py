@@ -19,11 +19,10 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
-from starlette.concurrency import run_in_threadpool
 
 from kameng.db import Database, savepoint
 
@@ -35,9 +34,15 @@ MAX_BATCH = 64
 
 
 class TransactionRunner:
-    def __init__(self, db: Database, *, group_commit: bool | None = None) -> None:
+    def __init__(
+        self, db: Database, *, group_commit: bool | None = None, threads: int = 4
+    ) -> None:
         self.db = db
         self.group_commit = db.is_sqlite if group_commit is None else group_commit
+        # Without group commit (PostgreSQL), async callers run their transactions on a few
+        # dedicated threads, one per pooled connection: dozens of threads waiting on the
+        # database would spend more CPU handing the GIL around than running the orders.
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kameng-tx")
         self._queue: queue.SimpleQueue[tuple[Job, Future[Any]]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -64,7 +69,7 @@ class TransactionRunner:
         """`run` for the event loop: no thread hand-off when the writer thread does the work."""
         if self.group_commit:
             return await asyncio.wrap_future(self.submit(job))
-        return await run_in_threadpool(self.run, job)
+        return await asyncio.wrap_future(self._executor.submit(self.run, job))
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._thread.is_alive():
