@@ -287,3 +287,31 @@ def savepoint(conn: Connection) -> Iterator[None]:
     finally:
         cursor.close()
         conn.info["kameng_sp_depth"] = depth - 1
+
+
+class MultiInsert:
+    """One INSERT ... VALUES (...), (...) for a few rows: one round trip, where executemany
+    costs one per row (or a pipeline sync) on PostgreSQL."""
+
+    def __init__(self, table_name: str, columns: tuple[str, ...]) -> None:
+        self.table_name = table_name
+        self.columns = columns
+        self._by_count: dict[int, RawSQL] = {}
+
+    def _statement(self, count: int) -> RawSQL:
+        stmt = self._by_count.get(count)
+        if stmt is None:
+            rows = ", ".join(
+                "(" + ", ".join(f":{c}_{i}" for c in self.columns) + ")" for i in range(count)
+            )
+            stmt = RawSQL(
+                f"INSERT INTO {self.table_name} ({', '.join(self.columns)}) VALUES {rows}"
+            )
+            self._by_count[count] = stmt
+        return stmt
+
+    def run(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        params = {f"{c}_{i}": row[c] for i, row in enumerate(rows) for c in self.columns}
+        self._statement(len(rows)).run(conn, params).close()

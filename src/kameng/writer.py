@@ -34,9 +34,7 @@ MAX_BATCH = 64
 
 
 class TransactionRunner:
-    def __init__(
-        self, db: Database, *, group_commit: bool | None = None, threads: int = 4
-    ) -> None:
+    def __init__(self, db: Database, *, group_commit: bool | None = None, threads: int = 4) -> None:
         self.db = db
         self.group_commit = db.is_sqlite if group_commit is None else group_commit
         # Without group commit (PostgreSQL), async callers run their transactions on a few

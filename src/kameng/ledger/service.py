@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Connection
 
-from kameng.db import RawSQL, db_time, table
+from kameng.db import MultiInsert, RawSQL, db_time, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger.models import Account, AccountKind, Entry, Hold, HoldState, LedgerTransaction
 from kameng.money import format_cents
@@ -141,10 +141,16 @@ _RAW_MOVE = RawSQL(
     "RETURNING balance_cents, version"
 )
 _RAW_BALANCE = RawSQL("SELECT balance_cents FROM ledger_accounts WHERE id = :acc_id")
-_RAW_ENTRIES = RawSQL(
-    "INSERT INTO ledger_entries (transaction_id, account_id, amount_cents, balance_after_cents, "
-    "account_version, created_at) VALUES (:transaction_id, :account_id, :amount_cents, "
-    ":balance_after_cents, :account_version, :created_at)"
+_RAW_ENTRIES = MultiInsert(
+    "ledger_entries",
+    (
+        "transaction_id",
+        "account_id",
+        "amount_cents",
+        "balance_after_cents",
+        "account_version",
+        "created_at",
+    ),
 )
 
 
@@ -192,7 +198,7 @@ def post(
                 "created_at": at,
             }
         )
-    _RAW_ENTRIES.many(conn, rows)
+    _RAW_ENTRIES.run(conn, rows)
     return txn_id
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind
 from kameng.catalog.service import SkuInfo
-from kameng.db import RawSQL, db_time, table
+from kameng.db import MultiInsert, RawSQL, db_time, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
@@ -48,7 +48,6 @@ _RECENT_DUPLICATE = RawSQL(
     f"AND status NOT IN ({', '.join(repr(s) for s in _NOT_DUPLICATE)}) "
     "ORDER BY id DESC LIMIT 1"
 )
-_WALLET_BALANCE = RawSQL("SELECT balance_cents FROM ledger_accounts WHERE id = :acc_id")
 _ORDER_COLUMNS = (
     "order_no, channel, reseller_id, customer_ref, sku_id, status, stage, reason, stage_since, "
     "next_action_at, sla_deadline, attempts, version, currency, amount_cents, paid_cents, "
@@ -58,13 +57,21 @@ _INSERT_ORDER = RawSQL(
     f"INSERT INTO orders ({_ORDER_COLUMNS}) VALUES "
     f"({', '.join(':' + c.strip() for c in _ORDER_COLUMNS.split(','))}) RETURNING id"
 )
+# PostgreSQL: order and line in one round trip (SQLite has no DML in WITH, nor round trips).
+_INSERT_ORDER_AND_LINE_PG = RawSQL(
+    f"WITH o AS (INSERT INTO orders ({_ORDER_COLUMNS}) VALUES "
+    f"({', '.join(':' + c.strip() for c in _ORDER_COLUMNS.split(','))}) RETURNING id) "
+    "INSERT INTO order_lines (order_id, sku_id, quantity, unit_price_cents, fields) "
+    "SELECT o.id, :sku_id, :quantity, :unit_price_cents, CAST(:fields AS JSON) FROM o "
+    "RETURNING order_id, id"
+)
 _INSERT_LINE = RawSQL(
     "INSERT INTO order_lines (order_id, sku_id, quantity, unit_price_cents, fields) "
     "VALUES (:order_id, :sku_id, :quantity, :unit_price_cents, :fields) RETURNING id"
 )
-_INSERT_EVENT = RawSQL(
-    "INSERT INTO order_events (order_id, from_status, to_status, stage, reason, actor, details, "
-    "at) VALUES (:order_id, :from_status, :to_status, :stage, :reason, :actor, :details, :at)"
+_INSERT_EVENTS = MultiInsert(
+    "order_events",
+    ("order_id", "from_status", "to_status", "stage", "reason", "actor", "details", "at"),
 )
 _INSERT_DELIVERY = RawSQL(
     "INSERT INTO deliveries (order_line_id, source, key_count, delivered_at) "
@@ -191,56 +198,47 @@ def place_order(
     )
     if not cmd.confirm_duplicate:
         _guard_duplicates(conn, key, now, policy.duplicate_window_s)
-    # Cheap early refusal so a buyer without funds never locks stock, even briefly.
-    available = int(_WALLET_BALANCE.one(conn, {"acc_id": buyer.wallet_id})[0])
-    if available < amount:
-        raise ledger.InsufficientFunds(needed=amount, available=available)
-
+    # No balance pre-check: the ledger's compare-and-set refuses an overdraft, and the
+    # refusal rolls back everything (keys included) in the same transaction.
     order_no = new_order_no(now)
     lookup_secret = new_lookup_secret()
     at = db_time(conn, now)
-    order_id = int(
-        _INSERT_ORDER.one(
-            conn,
-            {
-                "order_no": order_no,
-                "channel": cmd.channel,
-                "reseller_id": buyer.reseller_id,
-                "customer_ref": cmd.customer_ref,
-                "sku_id": sku.id,
-                "status": Status.paid.value,
-                "stage": Stage.payment_received.value,
-                "reason": "paid_from_balance",
-                "stage_since": at,
-                "next_action_at": None,
-                "sla_deadline": None,
-                "attempts": 0,
-                "version": 1,
-                "currency": sku.currency,
-                "amount_cents": amount,
-                "paid_cents": amount,
-                "refunded_cents": 0,
-                "hold_id": None,
-                "dedupe_key": key,
-                "lookup_hash": vault.lookup_hash(order_no, lookup_secret),
-                "created_at": at,
-                "updated_at": at,
-                "delivered_at": None,
-            },
-        )[0]
-    )
-    line_id = int(
-        _INSERT_LINE.one(
-            conn,
-            {
-                "order_id": order_id,
-                "sku_id": sku.id,
-                "quantity": cmd.quantity,
-                "unit_price_cents": cmd.unit_price_cents,
-                "fields": json.dumps(cmd.fields, ensure_ascii=False),
-            },
-        )[0]
-    )
+    order_params = {
+        "order_no": order_no,
+        "channel": cmd.channel,
+        "reseller_id": buyer.reseller_id,
+        "customer_ref": cmd.customer_ref,
+        "sku_id": sku.id,
+        "status": Status.paid.value,
+        "stage": Stage.payment_received.value,
+        "reason": "paid_from_balance",
+        "stage_since": at,
+        "next_action_at": None,
+        "sla_deadline": None,
+        "attempts": 0,
+        "version": 1,
+        "currency": sku.currency,
+        "amount_cents": amount,
+        "paid_cents": amount,
+        "refunded_cents": 0,
+        "hold_id": None,
+        "dedupe_key": key,
+        "lookup_hash": vault.lookup_hash(order_no, lookup_secret),
+        "created_at": at,
+        "updated_at": at,
+        "delivered_at": None,
+    }
+    line_params = {
+        "sku_id": sku.id,
+        "quantity": cmd.quantity,
+        "unit_price_cents": cmd.unit_price_cents,
+        "fields": json.dumps(cmd.fields, ensure_ascii=False),
+    }
+    if conn.dialect.name == "postgresql":
+        order_id, line_id = _INSERT_ORDER_AND_LINE_PG.one(conn, {**order_params, **line_params})
+    else:
+        order_id = int(_INSERT_ORDER.one(conn, order_params)[0])
+        line_id = int(_INSERT_LINE.one(conn, {"order_id": order_id, **line_params})[0])
     events = [
         _event_row(conn, order_id, None, Status.paid, None, "paid_from_balance", buyer.actor, now)
     ]
@@ -327,7 +325,7 @@ def place_order(
                 _event_row(conn, order_id, Status.paid, status, stage, reason, "system", now)
             )
 
-    _INSERT_EVENT.many(conn, events)
+    _INSERT_EVENTS.run(conn, events)
     # Ledger last: the wallet and platform rows are the most contended in the whole database.
     if status is Status.delivered:
         ledger.post(
@@ -426,7 +424,7 @@ def transition(
     ).rowcount
     if changed != 1:
         raise KamengError(ErrorCode.concurrent_update)
-    _INSERT_EVENT.many(conn, [event])
+    _INSERT_EVENTS.run(conn, [event])
 
 
 def cancel_order(
