@@ -25,7 +25,7 @@ def import_lines(
     source: str,
     unit_cost_cents: int | None,
     actor: str,
-    chunk_size: int = 10_000,
+    chunk_size: int = 20_000,
     progress: Callable[[int], None] | None = None,
 ) -> ImportResult:
     """Import keys from lines (one key, or `key,secret`, per line). `progress(n_lines)`."""

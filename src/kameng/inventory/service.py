@@ -144,6 +144,9 @@ def insert_keys(
                 created,
             )
         )
+    # Fingerprints are random: inserting them in sorted order walks the unique index's B-tree
+    # once per chunk instead of jumping to a random page for every key.
+    rows.sort(key=lambda row: row[2])
     raw = conn.connection.driver_connection
     assert raw is not None
     cursor = raw.cursor()
