@@ -1,0 +1,134 @@
+"""The `kameng` command: serve, migrate, demo, and staff tools for catalog, stock and money."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kameng.cli import catalog, resellers, stock  # noqa: F401  (register their commands)
+from kameng.cli.base import _container, _report, app, console, err_console, ledger_app
+from kameng.cli.resellers import _print_credentials
+from kameng.errors import KamengError
+
+
+def main() -> None:
+    """Entry point: a refusal prints its stable code and message and exits 2 (no traceback)."""
+    try:
+        app()
+    except KamengError as exc:
+        _report(exc)
+        sys.exit(2)
+
+
+# -- platform ------------------------------------------------------------------------------------
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema up to date (safe to run repeatedly)."""
+    from kameng.config import get_settings
+    from kameng.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.resolved_database_url)
+    container = _container()
+    container.bootstrap()
+    console.print(f"database ready: [bold]{_safe_url(settings.resolved_database_url)}[/bold]")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="Port")] = None,
+    workers: Annotated[int, typer.Option(help="Web processes")] = 1,
+    access_log: Annotated[bool, typer.Option(help="Log every request")] = False,
+) -> None:
+    """Run the platform (web + API). Processes share SQLite safely through a file lock."""
+    import uvicorn
+
+    from kameng.config import get_settings
+
+    settings = get_settings()
+    uvicorn.run(
+        "kameng.asgi:app",
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=workers,
+        access_log=access_log,
+        log_level="warning",
+        loop="auto",
+        http="auto",
+    )
+
+
+@app.command()
+def web(
+    host: Annotated[str | None, typer.Option(help="Bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="Port")] = None,
+    workers: Annotated[int, typer.Option(help="Web processes")] = 1,
+) -> None:
+    """Run only the web/API processes (the pipeline worker runs separately)."""
+    serve(host=host, port=port, workers=workers, access_log=False)
+
+
+@app.command()
+def verify() -> None:
+    """Check every money and stock invariant; exits non-zero on any violation."""
+    _verify(include_stock=True)
+
+
+@ledger_app.command("verify")
+def ledger_verify() -> None:
+    """Check every ledger invariant (DESIGN §5.1); exits non-zero on any violation."""
+    _verify(include_stock=False)
+
+
+def _verify(*, include_stock: bool) -> None:
+    from kameng.ledger.verify import verify as run_verify
+
+    container = _container()
+    with container.db.connect(write=False) as conn:
+        report = run_verify(conn, include_stock=include_stock)
+    table = Table("check", "result")
+    for name, rows in report.violations.items():
+        table.add_row(name, "[green]ok[/green]" if not rows else f"[red]{len(rows)}+ bad[/red]")
+    console.print(table)
+    console.print(" ".join(f"{k}={v}" for k, v in report.figures.items()))
+    for name, rows in report.violations.items():
+        for row in rows:
+            err_console.print(f"[red]{name}[/red]: {row}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    keys_per_sku: Annotated[int, typer.Option(help="Demo keys to import per card-key SKU")] = 200,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Seed a demo catalog with stock and a demo reseller, and print its credentials."""
+    from kameng.demo import seed
+
+    container = _container()
+    issued = seed(container, keys_per_sku=keys_per_sku)
+    path = container.settings.data_dir / "demo-credentials.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(
+            {"reseller": issued.name, "api_key": issued.api_key, "api_secret": issued.api_secret},
+            fh,
+        )
+    _print_credentials(issued, as_json)
+    if not as_json:
+        console.print(f"(also saved to {path}, mode 0600)")
