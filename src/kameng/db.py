@@ -315,3 +315,18 @@ class MultiInsert:
             return
         params = {f"{c}_{i}": row[c] for i, row in enumerate(rows) for c in self.columns}
         self._statement(len(rows)).run(conn, params).close()
+
+
+@contextlib.contextmanager
+def pipelined(conn: Connection) -> Iterator[None]:
+    """PostgreSQL: statements whose results nobody waits for (inserts of events, deliveries,
+    audit rows, the final order update) travel together with the next statement that is
+    awaited, instead of costing a round trip each. Errors still surface before commit.
+    A no-op on SQLite, which has no round trips."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    with raw.pipeline():
+        yield

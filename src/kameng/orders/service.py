@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind
 from kameng.catalog.service import SkuInfo
-from kameng.db import MultiInsert, RawSQL, db_time, table
+from kameng.db import MultiInsert, RawSQL, db_time, pipelined, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
@@ -251,116 +251,117 @@ def place_order(
     next_action_at: datetime | None = None
     sla_deadline: datetime | None = None
     hold_id: int | None = None
-    if claimed is not None:
-        status, stage, reason = Status.delivered, Stage.delivered, "own_stock"
-        events.append(
-            _event_row(
-                conn,
-                order_id,
-                Status.paid,
-                Status.fulfilling,
-                Stage.allocating,
-                "allocating_own_stock",
-                "system",
-                now,
-            )
-        )
-        events.append(
-            _event_row(
-                conn,
-                order_id,
-                Status.fulfilling,
-                Status.delivered,
-                None,
-                reason,
-                "system",
-                now,
-                {"keys": len(claimed)},
-            )
-        )
-        _INSERT_DELIVERY.run(
-            conn,
-            {
-                "order_line_id": line_id,
-                "source": "own_stock",
-                "key_count": len(claimed),
-                "delivered_at": at,
-            },
-        ).close()
-        inventory.record_reveal(
-            conn,
-            order_id=order_id,
-            channel="order_create",
-            actor=buyer.actor,
-            key_count=len(claimed),
-            now=now,
-        )
-    else:
-        sla_deadline = now + timedelta(seconds=sku.sla_seconds or policy.default_sla_s)
-        if sku.delivery_kind == DeliveryKind.card_key.value:
-            status, stage, reason = Status.backordered, Stage.waiting_stock, "out_of_stock"
-            next_action_at = now + timedelta(seconds=policy.backorder_retry_s)
+    with pipelined(conn):
+        if claimed is not None:
+            status, stage, reason = Status.delivered, Stage.delivered, "own_stock"
             events.append(
                 _event_row(
                     conn,
                     order_id,
                     Status.paid,
-                    status,
-                    stage,
+                    Status.fulfilling,
+                    Stage.allocating,
+                    "allocating_own_stock",
+                    "system",
+                    now,
+                )
+            )
+            events.append(
+                _event_row(
+                    conn,
+                    order_id,
+                    Status.fulfilling,
+                    Status.delivered,
+                    None,
                     reason,
                     "system",
                     now,
-                    {"retry_at": next_action_at.isoformat()},
+                    {"keys": len(claimed)},
                 )
             )
-        else:
-            status = Status.fulfilling
-            if sku.delivery_kind == DeliveryKind.direct_topup.value:
-                stage, reason = Stage.procuring, "awaiting_supplier"
-                next_action_at = now
-            else:
-                stage, reason = Stage.staff_processing, "awaiting_staff"
-                next_action_at = sla_deadline
-            events.append(
-                _event_row(conn, order_id, Status.paid, status, stage, reason, "system", now)
+            _INSERT_DELIVERY.run(
+                conn,
+                {
+                    "order_line_id": line_id,
+                    "source": "own_stock",
+                    "key_count": len(claimed),
+                    "delivered_at": at,
+                },
+            ).close()
+            inventory.record_reveal(
+                conn,
+                order_id=order_id,
+                channel="order_create",
+                actor=buyer.actor,
+                key_count=len(claimed),
+                now=now,
             )
+        else:
+            sla_deadline = now + timedelta(seconds=sku.sla_seconds or policy.default_sla_s)
+            if sku.delivery_kind == DeliveryKind.card_key.value:
+                status, stage, reason = Status.backordered, Stage.waiting_stock, "out_of_stock"
+                next_action_at = now + timedelta(seconds=policy.backorder_retry_s)
+                events.append(
+                    _event_row(
+                        conn,
+                        order_id,
+                        Status.paid,
+                        status,
+                        stage,
+                        reason,
+                        "system",
+                        now,
+                        {"retry_at": next_action_at.isoformat()},
+                    )
+                )
+            else:
+                status = Status.fulfilling
+                if sku.delivery_kind == DeliveryKind.direct_topup.value:
+                    stage, reason = Stage.procuring, "awaiting_supplier"
+                    next_action_at = now
+                else:
+                    stage, reason = Stage.staff_processing, "awaiting_staff"
+                    next_action_at = sla_deadline
+                events.append(
+                    _event_row(conn, order_id, Status.paid, status, stage, reason, "system", now)
+                )
 
-    _INSERT_EVENTS.run(conn, events)
-    # Ledger last: the wallet and platform rows are the most contended in the whole database.
-    if status is Status.delivered:
-        ledger.post(
+        _INSERT_EVENTS.run(conn, events)
+        # Ledger last: the wallet and platform rows are the most contended in the whole database.
+        if status is Status.delivered:
+            ledger.post(
+                conn,
+                kind="sale",
+                legs=[(buyer.wallet_id, -amount), (accounts.revenue_for(order_id), amount)],
+                now=now,
+                ref_type="order",
+                ref_id=order_id,
+                actor=buyer.actor,
+            )
+        else:
+            hold_id = ledger.place_hold(
+                conn,
+                wallet_id=buyer.wallet_id,
+                holds_account=accounts.holds_for(order_id),
+                amount=amount,
+                ref_type="order",
+                ref_id=order_id,
+                now=now,
+                actor=buyer.actor,
+            )
+        _FINISH_ORDER.run(
             conn,
-            kind="sale",
-            legs=[(buyer.wallet_id, -amount), (accounts.revenue_for(order_id), amount)],
-            now=now,
-            ref_type="order",
-            ref_id=order_id,
-            actor=buyer.actor,
-        )
-    else:
-        hold_id = ledger.place_hold(
-            conn,
-            wallet_id=buyer.wallet_id,
-            holds_account=accounts.holds_for(order_id),
-            amount=amount,
-            ref_type="order",
-            ref_id=order_id,
-            now=now,
-            actor=buyer.actor,
-        )
-    _FINISH_ORDER.run(
-        conn,
-        {
-            "oid": order_id,
-            "status": status.value,
-            "stage": stage.value,
-            "reason": reason,
-            "hold_id": hold_id,
-            "next_action_at": db_time(conn, next_action_at),
-            "sla_deadline": db_time(conn, sla_deadline),
-            "delivered_at": at if status is Status.delivered else None,
-        },
-    ).close()
+            {
+                "oid": order_id,
+                "status": status.value,
+                "stage": stage.value,
+                "reason": reason,
+                "hold_id": hold_id,
+                "next_action_at": db_time(conn, next_action_at),
+                "sla_deadline": db_time(conn, sla_deadline),
+                "delivered_at": at if status is Status.delivered else None,
+            },
+        ).close()
     return Placed(
         order_id=order_id,
         order_no=order_no,
