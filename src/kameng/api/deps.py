@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
@@ -110,19 +111,41 @@ class _Refused:
         self.error = error
 
 
+class _RolledBack(Exception):
+    """A refusal that rolled the whole transaction back; the nonce is recorded afterwards."""
+
+    def __init__(self, error: KamengError, credential_id: int) -> None:
+        super().__init__(error.code)
+        self.error = error
+        self.credential_id = credential_id
+
+
+def _remember(container: Container, conn: Connection, credential_id: int, nonce: str) -> bool:
+    return resellers.remember_nonce(
+        conn,
+        credential_id=credential_id,
+        nonce=nonce,
+        now=container.clock(),
+        window_s=container.settings.signature_window_s,
+    )
+
+
 def _signed_job(
     container: Container, req: SignedRequest, handler: Callable[[Connection, Caller], T]
 ) -> Callable[[Connection], T | _Refused]:
+    grouped = container.writer.group_commit
+
     def job(conn: Connection) -> T | _Refused:
         caller = _authenticate(conn, container, req)
-        if not resellers.remember_nonce(
-            conn,
-            credential_id=caller.credential_id,
-            nonce=req.nonce,
-            now=container.clock(),
-            window_s=container.settings.signature_window_s,
-        ):
+        if not _remember(container, conn, caller.credential_id, req.nonce):
             raise KamengError(ErrorCode.auth_nonce_reused)
+        if not grouped:
+            # One transaction per request: a refusal rolls it all back and the nonce is then
+            # recorded on its own, which is cheaper than a savepoint around every success.
+            try:
+                return handler(conn, caller)
+            except KamengError as exc:
+                raise _RolledBack(exc, caller.credential_id) from None
         try:
             with savepoint(conn):
                 return handler(conn, caller)
@@ -132,26 +155,40 @@ def _signed_job(
     return job
 
 
+def _burn_nonce(container: Container, req: SignedRequest, refused: _RolledBack) -> KamengError:
+    with container.db.connect() as conn:
+        _remember(container, conn, refused.credential_id, req.nonce)
+    return refused.error
+
+
+def _result(outcome: T | _Refused) -> T:
+    if isinstance(outcome, _Refused):
+        raise outcome.error
+    return outcome
+
+
 def run_signed(
     container: Container, req: SignedRequest, handler: Callable[[Connection, Caller], T]
 ) -> T:
     """Authenticate, record the nonce and run `handler` in one write transaction.
 
-    The nonce commits with the handler's effect. If the handler refuses the request, only the
-    handler's savepoint is rolled back: the nonce still commits, so a refused request cannot
-    be replayed later (say, once the balance has been topped up).
+    The nonce commits with the handler's effect. If the handler refuses the request, its
+    effects are rolled back but the nonce is still recorded, so a refused request cannot be
+    replayed later (say, once the balance has been topped up).
     """
-    outcome = container.writer.run(_signed_job(container, req, handler))
-    if isinstance(outcome, _Refused):
-        raise outcome.error
-    return outcome
+    try:
+        outcome = container.writer.run(_signed_job(container, req, handler))
+    except _RolledBack as refused:
+        raise _burn_nonce(container, req, refused) from None
+    return _result(outcome)
 
 
 async def run_signed_async(
     container: Container, req: SignedRequest, handler: Callable[[Connection, Caller], T]
 ) -> T:
     """`run_signed` for async endpoints (the order hot path): no thread-pool hand-off."""
-    outcome = await container.writer.run_async(_signed_job(container, req, handler))
-    if isinstance(outcome, _Refused):
-        raise outcome.error
-    return outcome
+    try:
+        outcome = await container.writer.run_async(_signed_job(container, req, handler))
+    except _RolledBack as refused:
+        raise await asyncio.to_thread(_burn_nonce, container, req, refused) from None
+    return _result(outcome)
