@@ -249,20 +249,6 @@ class RawSQL:
         finally:
             cursor.close()
 
-    def many(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        cursor, sql = self._cursor(conn)
-        try:
-            cursor.executemany(sql, rows)
-        finally:
-            cursor.close()
-
-    def count(self, conn: Connection, params: dict[str, Any]) -> int:
-        cursor = self.run(conn, params)
-        try:
-            return int(cursor.rowcount)
-        finally:
-            cursor.close()
-
 
 @contextlib.contextmanager
 def savepoint(conn: Connection) -> Iterator[None]:

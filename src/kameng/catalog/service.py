@@ -67,13 +67,6 @@ def get_sku_info(session: Session, *, code: str) -> SkuInfo:
     return _sku_info(sku)
 
 
-def get_sku_info_by_id(session: Session, *, sku_id: int) -> SkuInfo:
-    sku = session.get(Sku, sku_id)
-    if sku is None:
-        raise KamengError(ErrorCode.sku_not_found, sku=str(sku_id))
-    return _sku_info(sku)
-
-
 def ensure_category(session: Session, *, slug: str, name: str | None = None) -> Category:
     category = session.scalar(select(Category).where(Category.slug == slug))
     if category is None:

@@ -137,3 +137,18 @@ def reseller_list() -> None:
                 reseller.name, tier, reseller.status, format_cents(available), format_cents(held)
             )
     console.print(table)
+
+
+@reseller_app.command("set-tier")
+def reseller_set_tier(
+    name: Annotated[str, typer.Argument()],
+    tier: Annotated[str, typer.Argument(help="normal | silver | gold | your own")],
+    actor: ActorOpt = None,
+) -> None:
+    """Move a reseller to another price tier (takes effect within seconds). Audited."""
+    from kameng.resellers import service as resellers
+
+    container = _container()
+    with container.db.unit_of_work() as session:
+        resellers.set_tier(session, name=name, tier_code=tier, actor=_actor(actor))
+    console.print(f"{name} is now on tier {tier}")

@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -225,17 +225,6 @@ def remember_nonce(
     return row is not None
 
 
-def nonce_seen(conn: Connection, *, credential_id: int, nonce: str) -> bool:
-    return (
-        conn.execute(
-            select(_nonce.c.id).where(
-                _nonce.c.credential_id == credential_id, _nonce.c.nonce == nonce
-            )
-        ).first()
-        is not None
-    )
-
-
 def prune_nonces(conn: Connection, *, now: datetime) -> int:
     return conn.execute(delete(_nonce).where(_nonce.c.expires_at < now)).rowcount
 
@@ -249,7 +238,3 @@ def list_resellers(session: Session) -> list[tuple[Reseller, str]]:
         select(Reseller, Tier.code).join(Tier, Tier.id == Reseller.tier_id).order_by(Reseller.id)
     )
     return [(r, code) for r, code in rows]
-
-
-def mark_status(conn: Connection, *, reseller_id: int, status: str) -> None:
-    conn.execute(update(_reseller).where(_reseller.c.id == reseller_id).values(status=status))
