@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -19,6 +19,35 @@ from kameng.cli.base import (
 from kameng.errors import KamengError
 
 # -- catalog -------------------------------------------------------------------------------------
+
+
+def _add_sku(
+    session: Any, *, product: Any, sku: str, name: str, price: str, cost: str,
+    denomination: str, allow_below_cost: bool, actor: str | None,
+) -> None:  # fmt: skip
+    """One SKU plus its audit row: the same for a new product's first SKU and for later ones."""
+    from kameng.audit import service as audit
+    from kameng.catalog import service as catalog
+    from kameng.money import parse_amount
+
+    catalog.add_sku(
+        session,
+        product=product,
+        code=sku,
+        name=name,
+        price_cents=parse_amount(price),
+        cost_cents=parse_amount(cost, allow_zero=True),
+        denomination=denomination,
+        allow_below_cost=allow_below_cost,
+    )
+    audit.record(
+        session,
+        actor=_actor(actor),
+        action="sku.create",
+        target_type="sku",
+        target_id=sku,
+        details={"product": product.slug, "price": price},
+    )
 
 
 @product_app.command("create")
@@ -43,10 +72,8 @@ def product_create(
     actor: ActorOpt = None,
 ) -> None:
     """Create a product with its first SKU."""
-    from kameng.audit import service as audit
     from kameng.catalog import service as catalog
     from kameng.catalog.models import DeliveryKind
-    from kameng.money import parse_amount
 
     try:
         template = json.loads(fields_json) if fields_json else []
@@ -68,24 +95,10 @@ def product_create(
             sla_seconds=sla,
             low_stock_threshold=low_stock,
         )
-        catalog.add_sku(
-            session,
-            product=product,
-            code=sku,
-            name=sku_name or name,
-            price_cents=parse_amount(price),
-            cost_cents=parse_amount(cost, allow_zero=True),
-            denomination=denomination,
-            allow_below_cost=allow_below_cost,
-        )
-        audit.record(
-            session,
-            actor=_actor(actor),
-            action="product.create",
-            target_type="product",
-            target_id=slug,
-            details={"sku": sku, "price": price},
-        )
+        _add_sku(
+            session, product=product, sku=sku, name=sku_name or name, price=price, cost=cost,
+            denomination=denomination, allow_below_cost=allow_below_cost, actor=actor,
+        )  # fmt: skip
     console.print(f"created product [bold]{slug}[/bold] with SKU [bold]{sku}[/bold]")
 
 
@@ -101,31 +114,15 @@ def product_add_sku(
     actor: ActorOpt = None,
 ) -> None:
     """Add another SKU (面值) to a product."""
-    from kameng.audit import service as audit
     from kameng.catalog import service as catalog
-    from kameng.money import parse_amount
 
     container = _container()
     with container.db.unit_of_work() as session:
         product = catalog.get_product(session, slug=slug)
-        catalog.add_sku(
-            session,
-            product=product,
-            code=sku,
-            name=name or sku,
-            price_cents=parse_amount(price),
-            cost_cents=parse_amount(cost, allow_zero=True),
-            denomination=denomination,
-            allow_below_cost=allow_below_cost,
-        )
-        audit.record(
-            session,
-            actor=_actor(actor),
-            action="sku.create",
-            target_type="sku",
-            target_id=sku,
-            details={"product": slug, "price": price},
-        )
+        _add_sku(
+            session, product=product, sku=sku, name=name or sku, price=price, cost=cost,
+            denomination=denomination, allow_below_cost=allow_below_cost, actor=actor,
+        )  # fmt: skip
     console.print(f"added SKU [bold]{sku}[/bold] to {slug}")
 
 
