@@ -66,8 +66,11 @@ def test_card_key_round_trip(vault: Vault, code: str, secret: str | None) -> Non
     aead, fp, blob = _store(vault, SKU, code, secret)
     plain = Vault.decrypt_key(aead, SKU, fp, blob)
     assert decode_card_key(plain) == (code, secret or None)
-    assert code.encode() not in blob
-    if secret:
+    # Random ciphertext contains any given short byte string by chance (one byte: ~11 % of
+    # blobs), so only texts long enough to mean something are looked for.
+    if len(code.encode()) >= 6:
+        assert code.encode() not in blob
+    if secret and len(secret.encode()) >= 6:
         assert secret.encode() not in blob
 
 

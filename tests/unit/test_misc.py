@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import string
 import threading
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -284,27 +283,27 @@ def test_limit_reached_raises_rate_limited_with_retry_after() -> None:
     assert str(retry) in error.message("en")
 
 
-def test_refused_attempts_do_not_extend_the_block() -> None:
+def test_refused_attempts_do_not_extend_the_block(clock: FakeTime) -> None:
     """Hammering while blocked must not keep the caller blocked forever."""
     limiter = RateLimiter(limit=2, window_s=0.2)
     limiter.check("k")
     limiter.check("k")
     for _ in range(20):
         _limited(limiter, "k")
-    time.sleep(0.25)
+    clock.now += 0.25
     limiter.check("k")
     limiter.check("k")
     _limited(limiter, "k")
 
 
-def test_window_slides_in_real_time() -> None:
+def test_window_slides_hit_by_hit(clock: FakeTime) -> None:
     """Hits leave the window one by one, not all at once at a fixed boundary."""
     limiter = RateLimiter(limit=2, window_s=0.4)
     limiter.check("k")  # t=0
-    time.sleep(0.2)
+    clock.now += 0.2
     limiter.check("k")  # t=0.2
     _limited(limiter, "k")
-    time.sleep(0.3)  # t=0.5: first hit gone, second (0.2) still inside until t=0.6
+    clock.now += 0.3  # t=0.5: first hit gone, second (0.2) still inside until t=0.6
     limiter.check("k")
     _limited(limiter, "k")
 
