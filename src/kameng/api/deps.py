@@ -90,7 +90,14 @@ SignedDep = Annotated[SignedRequest, Depends(signed_request)]
 
 
 def _authenticate(conn: Connection, container: Container, req: SignedRequest) -> Caller:
-    caller = container.authenticator.caller(conn, req.api_key)
+    """The verified caller; its nonce is recorded (and rolled back with any refusal)."""
+    caller, fresh = container.authenticator.caller_and_nonce(
+        conn,
+        req.api_key,
+        nonce=req.nonce,
+        now=container.clock(),
+        window_s=container.settings.signature_window_s,
+    )
     expected = sign_request(caller.secret, req.method, req.path, req.timestamp, req.nonce, req.body)
     if not signature_matches(expected, req.signature):
         raise KamengError(
@@ -101,6 +108,8 @@ def _authenticate(conn: Connection, container: Container, req: SignedRequest) ->
                 )
             },
         )
+    if not fresh:
+        raise KamengError(ErrorCode.auth_nonce_reused)
     return caller
 
 
@@ -137,8 +146,6 @@ def _signed_job(
 
     def job(conn: Connection) -> T | _Refused:
         caller = _authenticate(conn, container, req)
-        if not _remember(container, conn, caller.credential_id, req.nonce):
-            raise KamengError(ErrorCode.auth_nonce_reused)
         if not grouped:
             # One transaction per request: a refusal rolls it all back and the nonce is then
             # recorded on its own, which is cheaper than a savepoint around every success.

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.engine import Connection
 
-from kameng.db import RawSQL, db_time, savepoint, table
+from kameng.db import RawSQL, db_time, table
 from kameng.inventory.models import CardKey, KeyReveal, KeyState, StockBatch
 from kameng.security.crypto import Vault, decode_card_key, encode_card_key
 
@@ -200,8 +200,20 @@ def _claim_sql(dialect: str, quantity: int) -> str:
 _CLAIMS: dict[tuple[str, int], RawSQL] = {}
 
 
-class _ShortClaim(Exception):
-    """Fewer keys than asked for: roll the claim back to its savepoint."""
+_ENOUGH: dict[int, RawSQL] = {}
+
+
+def _enough_available(quantity: int) -> RawSQL:
+    stmt = _ENOUGH.get(quantity)
+    if stmt is None:
+        stmt = _ENOUGH.setdefault(
+            quantity,
+            RawSQL(
+                "SELECT count(*) FROM (SELECT 1 FROM card_keys WHERE sku_id = :sku_id "
+                f"AND state = 'available' ORDER BY sku_id, id LIMIT {int(quantity)}) AS enough"
+            ),
+        )
+    return stmt
 
 
 def claim(
@@ -221,18 +233,21 @@ def claim(
         if claimed:
             release(conn, line_id=line_id)
         return None
-    # PostgreSQL: a short claim must also drop its row locks at once, or buyers running at the
-    # same time would skip those keys (SKIP LOCKED) and be backordered while stock is there.
-    try:
-        with savepoint(conn):
-            claimed = [
-                ClaimedKey(r[0], r[1], bytes(r[2]), bytes(r[3])) for r in stmt.all(conn, params)
-            ]
-            if len(claimed) != quantity:
-                raise _ShortClaim
-    except _ShortClaim:
+    # PostgreSQL: a claim that comes back short must not sit on the rows it did lock, or buyers
+    # running at the same time would skip those keys (SKIP LOCKED) and be backordered while
+    # stock is there. So first count, without locking, whether there are enough at all: the
+    # usual short case (stock ran out) then locks nothing.
+    enough = _enough_available(quantity).one(conn, {"sku_id": sku_id})[0] >= quantity
+    if not enough:
         return None
-    return claimed
+    claimed = [ClaimedKey(r[0], r[1], bytes(r[2]), bytes(r[3])) for r in stmt.all(conn, params)]
+    if len(claimed) == quantity:
+        return claimed
+    # Lost a race for the last keys to a concurrent claim: hand back what was taken. The row
+    # locks go when this transaction commits, a few milliseconds later.
+    if claimed:
+        release(conn, line_id=line_id)
+    return None
 
 
 def release(conn: Connection, *, line_id: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection
@@ -187,7 +188,32 @@ class Authenticator:
         self._secrets: dict[tuple[int, bytes], str] = {}
 
     def caller(self, conn: Connection, api_key: str) -> Caller:
-        row = _AUTH_QUERY.one(conn, {"api_key": api_key})
+        return self._caller(conn, api_key, _AUTH_QUERY.one(conn, {"api_key": api_key}))
+
+    def caller_and_nonce(
+        self, conn: Connection, api_key: str, *, nonce: str, now: datetime, window_s: int
+    ) -> tuple[Caller, bool]:
+        """The caller, and whether `nonce` was fresh (it is now recorded).
+
+        The caller's transaction must roll back if it then refuses the request (bad signature,
+        revoked key): the nonce is recorded before the signature is checked. On PostgreSQL both
+        happen in one statement, saving a round trip on every signed request.
+        """
+        expires_at = db_time(conn, now + timedelta(seconds=2 * window_s))
+        if conn.dialect.name == "postgresql":
+            row = _AUTH_AND_NONCE_PG.one(
+                conn, {"api_key": api_key, "nonce": nonce, "expires_at": expires_at}
+            )
+            caller = self._caller(conn, api_key, row[:8] if row else None)
+            return caller, bool(row[8])
+        caller = self.caller(conn, api_key)
+        fresh = _INSERT_NONCE.one(
+            conn,
+            {"credential_id": caller.credential_id, "nonce": nonce, "expires_at": expires_at},
+        )
+        return caller, fresh is not None
+
+    def _caller(self, conn: Connection, api_key: str, row: Any) -> Caller:
         if row is None:
             raise KamengError(ErrorCode.auth_invalid_key)
         cred_id, status, sealed_raw, reseller_id, name, reseller_status, tier_id, wallet_id = row
@@ -203,6 +229,19 @@ class Authenticator:
         return Caller(cred_id, reseller_id, name, tier_id, secret, int(wallet_id))
 
 
+_AUTH_AND_NONCE_PG = RawSQL(
+    "WITH c AS ("
+    "SELECT c.id, c.status, c.sealed_secret, c.reseller_id, r.name, r.status AS r_status, "
+    "r.tier_id, a.id AS wallet_id "
+    "FROM api_credentials c JOIN resellers r ON r.id = c.reseller_id "
+    "LEFT JOIN ledger_accounts a ON a.kind = 'wallet' AND a.owner_type = 'reseller' "
+    "AND a.owner_id = r.id AND a.currency = 'CNY' "
+    "WHERE c.api_key = :api_key), "
+    "n AS (INSERT INTO api_nonces (credential_id, nonce, expires_at) "
+    "SELECT id, :nonce, :expires_at FROM c "
+    "ON CONFLICT (credential_id, nonce) DO NOTHING RETURNING id) "
+    "SELECT c.*, (SELECT count(*) FROM n) FROM c"
+)
 _INSERT_NONCE = RawSQL(
     "INSERT INTO api_nonces (credential_id, nonce, expires_at) "
     "VALUES (:credential_id, :nonce, :expires_at) "
