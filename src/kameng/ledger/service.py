@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Connection
 
-from kameng.db import MultiInsert, RawSQL, db_time, table
+from kameng.db import MultiInsert, RawSQL, db_time, table, utcnow
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger.models import Account, AccountKind, Entry, Hold, HoldState, LedgerTransaction
 from kameng.money import format_cents
@@ -120,7 +120,7 @@ def ensure_account(
             balance_cents=0,
             version=0,
             allow_negative=allow_negative,
-            created_at=datetime.now().astimezone(),
+            created_at=utcnow(),
         )
         .returning(_acc.c.id)
     )

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from kameng.audit import service as audit
-from kameng.db import RawSQL, db_time, table
+from kameng.db import RawSQL, db_time, table, utcnow
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
 from kameng.ledger.models import Account
@@ -150,7 +150,7 @@ def revoke_credentials(
     revoked = []
     for cred in session.scalars(stmt):
         cred.status = "revoked"
-        cred.revoked_at = datetime.now().astimezone()
+        cred.revoked_at = utcnow()
         revoked.append(cred.api_key)
     audit.record(
         session,
