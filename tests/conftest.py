@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,37 +41,42 @@ def new_pg_database(cluster: PgCluster) -> str:
     return name
 
 
+@contextmanager
+def backend_container(backend: str, data_dir: Path) -> Iterator[Container]:
+    """A migrated container on `backend`: a SQLite file in `data_dir`, or a fresh database on
+    the throwaway PostgreSQL cluster (dropped afterwards)."""
+    if backend == "sqlite":
+        container = factories.make_container(data_dir)
+        yield container
+        container.close()
+        return
+    cluster = pg_cluster_or_skip()
+    name = new_pg_database(cluster)
+    container = factories.make_container(data_dir, cluster.dsn(name), db_pool_size=8)
+    try:
+        yield container
+    finally:
+        container.close()
+        cluster.drop_database(name)
+
+
 @pytest.fixture
 def sqlite_container(tmp_path: Path) -> Iterator[Container]:
-    container = factories.make_container(tmp_path)
-    yield container
-    container.close()
+    with backend_container("sqlite", tmp_path) as container:
+        yield container
 
 
 @pytest.fixture
 def pg_container(tmp_path: Path) -> Iterator[Container]:
-    cluster = pg_cluster_or_skip()
-    name = new_pg_database(cluster)
-    container = factories.make_container(tmp_path, cluster.dsn(name), db_pool_size=8)
-    yield container
-    container.close()
-    cluster.drop_database(name)
+    with backend_container("postgresql", tmp_path) as container:
+        yield container
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def container(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Container]:
     """The same test on both backends."""
-    if request.param == "sqlite":
-        c = factories.make_container(tmp_path)
+    with backend_container(request.param, tmp_path) as c:
         yield c
-        c.close()
-        return
-    cluster = pg_cluster_or_skip()
-    name = new_pg_database(cluster)
-    c = factories.make_container(tmp_path, cluster.dsn(name), db_pool_size=8)
-    yield c
-    c.close()
-    cluster.drop_database(name)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from kameng.container import Container
-from tests.conftest import new_pg_database, pg_cluster_or_skip
+from tests.conftest import backend_container
 from tests.support import factories
 
 
@@ -22,18 +22,8 @@ def any_db(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Container]:
     """One container per module and backend (SQLite, then a throwaway PostgreSQL)."""
-    data_dir = tmp_path_factory.mktemp(f"api-{request.param}")
-    if request.param == "sqlite":
-        container = factories.make_container(data_dir)
-        yield container
-        container.close()
-        return
-    cluster = pg_cluster_or_skip()
-    name = new_pg_database(cluster)
-    container = factories.make_container(data_dir, cluster.dsn(name), db_pool_size=8)
-    yield container
-    container.close()
-    cluster.drop_database(name)
+    with backend_container(request.param, tmp_path_factory.mktemp(f"api-{request.param}")) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

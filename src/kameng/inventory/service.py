@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import func, insert, select, text, update
@@ -224,27 +225,22 @@ def claim(
     stmt = _CLAIMS.get(key)
     if stmt is None:
         stmt = _CLAIMS.setdefault(key, RawSQL(_claim_sql(conn.dialect.name, quantity)))
-    params = {"line_id": line_id, "sku_id": sku_id, "now": db_time(conn, now)}
-    if conn.dialect.name == "sqlite":
-        # One writer: nobody else can be looking at these rows, so undoing is enough.
-        claimed = [ClaimedKey(r[0], r[1], bytes(r[2]), bytes(r[3])) for r in stmt.all(conn, params)]
-        if len(claimed) == quantity:
-            return claimed
-        if claimed:
-            release(conn, line_id=line_id)
-        return None
     # PostgreSQL: a claim that comes back short must not sit on the rows it did lock, or buyers
     # running at the same time would skip those keys (SKIP LOCKED) and be backordered while
     # stock is there. So first count, without locking, whether there are enough at all: the
     # usual short case (stock ran out) then locks nothing.
-    enough = _enough_available(quantity).one(conn, {"sku_id": sku_id})[0] >= quantity
-    if not enough:
+    if (
+        conn.dialect.name == "postgresql"
+        and _enough_available(quantity).one(conn, {"sku_id": sku_id})[0] < quantity
+    ):
         return None
-    claimed = [ClaimedKey(r[0], r[1], bytes(r[2]), bytes(r[3])) for r in stmt.all(conn, params)]
+    params = {"line_id": line_id, "sku_id": sku_id, "now": db_time(conn, now)}
+    claimed = _claimed(stmt.all(conn, params))
     if len(claimed) == quantity:
         return claimed
-    # Lost a race for the last keys to a concurrent claim: hand back what was taken. The row
-    # locks go when this transaction commits, a few milliseconds later.
+    # Short: hand back what was taken. On SQLite nobody else can be looking at these rows; on
+    # PostgreSQL this is a lost race for the last keys, and the row locks go when this
+    # transaction commits, a few milliseconds later.
     if claimed:
         release(conn, line_id=line_id)
     return None
@@ -318,6 +314,10 @@ def keys_of_line(conn: Connection, *, line_id: int) -> list[ClaimedKey]:
         .where(_key.c.order_line_id == line_id, _key.c.state == KeyState.sold.value)
         .order_by(_key.c.id)
     )
+    return _claimed(rows)
+
+
+def _claimed(rows: Iterable[Any]) -> list[ClaimedKey]:
     return [ClaimedKey(r[0], r[1], bytes(r[2]), bytes(r[3])) for r in rows]
 
 
