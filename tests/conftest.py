@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,17 +43,19 @@ def new_pg_database(cluster: PgCluster) -> str:
 
 
 @contextmanager
-def backend_container(backend: str, data_dir: Path) -> Iterator[Container]:
+def backend_container(backend: str, data_dir: Path, **overrides: Any) -> Iterator[Container]:
     """A migrated container on `backend`: a SQLite file in `data_dir`, or a fresh database on
-    the throwaway PostgreSQL cluster (dropped afterwards)."""
+    the throwaway PostgreSQL cluster (dropped afterwards). `overrides` are Settings fields."""
     if backend == "sqlite":
-        container = factories.make_container(data_dir)
+        container = factories.make_container(data_dir, **overrides)
         yield container
         container.close()
         return
     cluster = pg_cluster_or_skip()
     name = new_pg_database(cluster)
-    container = factories.make_container(data_dir, cluster.dsn(name), db_pool_size=8)
+    container = factories.make_container(
+        data_dir, cluster.dsn(name), **{"db_pool_size": 8, **overrides}
+    )
     try:
         yield container
     finally:

@@ -13,16 +13,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kameng import __version__, housekeeping
-from kameng.api import reseller_v1
+from kameng.api import callbacks, reseller_v1
 from kameng.api.responses import JSON
 from kameng.container import Container
 from kameng.errors import ErrorCode, KamengError, normalize_language
+from kameng.pipeline.metrics import HealthCache, PipelineCollector
+from kameng.pipeline.registry import Adapters
 from kameng.ratelimit import RateLimiter
 from kameng.web import pages
 
@@ -92,7 +94,9 @@ class CrashGuard:
             await response(scope, receive, send)
 
 
-def create_app(container: Container | None = None) -> FastAPI:
+def create_app(container: Container | None = None, *, embedded_worker: bool = False) -> FastAPI:
+    """The web app. With `embedded_worker` (what `kameng serve` does) one pipeline worker runs
+    in the same process and event loop, so a single command is a complete installation."""
     container = container or Container.build()
     try:
         _ = container.accounts  # resolved now, never lazily inside a request's transaction
@@ -104,10 +108,20 @@ def create_app(container: Container | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(housekeeping.run_forever(container))
+        stop = asyncio.Event()
+        worker_task = None
+        if embedded_worker:
+            from kameng.pipeline.worker import Worker
+
+            worker_task = asyncio.create_task(Worker(container).run(stop))
         try:
             yield
         finally:
             task.cancel()
+            stop.set()
+            if worker_task is not None:
+                await worker_task
+            await app.state.adapters.aclose()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -127,6 +141,10 @@ def create_app(container: Container | None = None) -> FastAPI:
         default_response_class=JSON,
     )
     app.state.container = container
+    app.state.adapters = Adapters(container.vault)
+    pipeline_registry = CollectorRegistry(auto_describe=True)
+    pipeline_registry.register(PipelineCollector(container))
+    health = HealthCache(container)
     app.state.lookup_limiter = RateLimiter(
         limit=container.settings.lookup_rate_per_minute, window_s=60
     )
@@ -167,17 +185,19 @@ def create_app(container: Container | None = None) -> FastAPI:
     app.add_middleware(CrashGuard)
     app.include_router(reseller_v1.router)
     app.include_router(reseller_v1.public)
+    app.include_router(callbacks.router)
     app.include_router(pages.router)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> Response:
         with container.db.connect(write=False) as conn:
             conn.execute(text("SELECT 1"))
-        return JSON({"status": "ok", "version": __version__})
+        return JSON({"status": "ok", "version": __version__, "pipeline": health.get()})
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body = generate_latest() + generate_latest(pipeline_registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     def home(request: Request) -> Response:

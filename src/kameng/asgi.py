@@ -4,11 +4,12 @@ import gc
 import sys
 
 from kameng.app import create_app
+from kameng.config import get_settings
 
 # SQLite calls release the GIL; with the default 5 ms switch interval a thread that holds the
 # database write lock waits behind busy request threads to get the GIL back after every
 # statement (a lock convoy). A shorter interval keeps the write lock's hold time short.
-app = create_app()
+app = create_app(embedded_worker=get_settings().embedded_worker)
 if app.state.container.db.is_sqlite:
     sys.setswitchinterval(0.0005)
 

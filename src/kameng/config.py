@@ -39,6 +39,28 @@ class Settings(BaseSettings):
     db_pool_size: int = 4
     sqlite_busy_timeout_ms: int = 5000
     log_level: str = "INFO"
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL suppliers call back on; default http://<host>:<port>",
+    )
+    # The pipeline (DESIGN §6).
+    embedded_worker: bool = Field(
+        default=False, description="Run a pipeline worker inside each web process (`serve`)"
+    )
+    worker_batch: int = Field(default=64, description="Due orders claimed per round")
+    worker_concurrency: int = Field(default=256, description="Steps in flight per worker")
+    worker_poll_s: float = Field(default=0.2, description="Idle wait between claims")
+    worker_lease_s: int = Field(
+        default=120, description="A claimed order is due again after this if its worker died"
+    )
+    worker_heartbeat_s: float = 5.0
+    supplier_poll_s: int = Field(default=30, description="First poll after a supplier accepts")
+    supplier_retry_cap_s: int = Field(default=300, description="Longest wait between retries")
+    supplier_balance_check_s: int = 60
+
+    @property
+    def callback_base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def resolved_database_url(self) -> str:

@@ -27,6 +27,7 @@ from kameng.orders.service import Policy
 from kameng.pricing import service as pricing
 from kameng.resellers.service import Authenticator
 from kameng.security.crypto import Vault
+from kameng.suppliers import service as suppliers
 from kameng.writer import TransactionRunner
 
 CATALOG_TTL_S = 2.0
@@ -130,6 +131,19 @@ class Container:
         value = self._cached("price", (tier_id, sku_id), load)
         assert isinstance(value, int)
         return value
+
+    def has_offers(self, sku_id: int, *, conn: Connection | None = None) -> bool:
+        """Whether the SKU can be procured upstream (cached like the catalog)."""
+
+        def load() -> frozenset[int]:
+            if conn is not None:
+                return frozenset(suppliers.skus_with_offers(conn))
+            with self.db.connect(write=False) as c:
+                return frozenset(suppliers.skus_with_offers(c))
+
+        value = self._cached("offers", None, load)
+        assert isinstance(value, frozenset)
+        return sku_id in value
 
     def invalidate_caches(self) -> None:
         with self._cache_lock:

@@ -6,8 +6,10 @@ from kameng.idempotency.models import IdempotencyRecord
 from kameng.inventory.models import CardKey, KeyReveal, StockBatch
 from kameng.ledger.models import Account, Entry, Hold, LedgerTransaction
 from kameng.orders.models import Delivery, Order, OrderEvent, OrderLine
+from kameng.pipeline.models import OutboxMessage, WorkerHeartbeat
 from kameng.pricing.models import Tier, TierPrice
 from kameng.resellers.models import ApiCredential, ApiNonce, Reseller
+from kameng.suppliers.models import Procurement, Supplier, SupplierEvent, SupplierOffer
 
 __all__ = [
     "Account",
@@ -25,10 +27,16 @@ __all__ = [
     "Order",
     "OrderEvent",
     "OrderLine",
+    "OutboxMessage",
+    "Procurement",
     "Product",
     "Reseller",
     "Sku",
     "StockBatch",
+    "Supplier",
+    "SupplierEvent",
+    "SupplierOffer",
     "Tier",
     "TierPrice",
+    "WorkerHeartbeat",
 ]

@@ -119,7 +119,7 @@ def test_postings_balance_and_update_stored_balances(container: Container) -> No
     after = {acc: bal for acc, _, bal in legs}
     assert after[a] == _balance(container, a) == 7_500
     assert after[b] == _balance(container, b) == 1_000
-    assert _balance(container, accounts.revenue) == 1_500
+    assert sum(_balance(container, a) for a in accounts.revenue_shards) == 1_500
     assert _balance(container, accounts.funding) == -10_000
     report = factories.assert_books_clean(container)
     assert report.figures["transactions"] == 2  # the top-up and the transfer
@@ -272,7 +272,7 @@ def test_hold_then_capture_moves_money_to_revenue_once(container: Container) -> 
     assert row.resolved_at is not None
     assert _balance(container, wallet) == 3_800
     assert _balance(container, accounts.holds) == 0
-    assert _balance(container, accounts.revenue) == 1_200
+    assert sum(_balance(container, a) for a in accounts.revenue_shards) == 1_200
     factories.assert_books_clean(container)
 
     before = _counts(container)
@@ -283,7 +283,7 @@ def test_hold_then_capture_moves_money_to_revenue_once(container: Container) -> 
     assert _counts(container) == before
     assert _hold_row(container, hold).resolve_txn_id == txn
     assert _balance(container, wallet) == 3_800
-    assert _balance(container, accounts.revenue) == 1_200
+    assert sum(_balance(container, a) for a in accounts.revenue_shards) == 1_200
     factories.assert_books_clean(container)
 
 
@@ -296,7 +296,7 @@ def test_hold_then_void_returns_the_money_once(container: Container) -> None:
     assert (row.state, row.resolve_txn_id) == ("voided", txn)
     assert _balance(container, wallet) == 5_000
     assert _balance(container, accounts.holds) == 0
-    assert _balance(container, accounts.revenue) == 0
+    assert sum(_balance(container, a) for a in accounts.revenue_shards) == 0
     factories.assert_books_clean(container)
 
     before = _counts(container)
@@ -360,7 +360,7 @@ def test_racing_resolutions_of_one_hold_resolve_it_exactly_once(pg_container: Co
         assert len(winners) == 1, results
         assert _hold_row(pg_container, hold).state == winners[0]
         factories.assert_books_clean(pg_container)
-    revenue = _balance(pg_container, accounts.revenue)
+    revenue = sum(_balance(pg_container, a) for a in accounts.revenue_shards)
     assert _balance(pg_container, wallet) + revenue == 10_000
     assert _balance(pg_container, accounts.holds) == 0
 
@@ -517,7 +517,7 @@ def _concurrent_workload(container: Container, threads: int, ops: int, seed: int
         for w in wallets:
             assert ledger.balances(conn, wallet_id=w) == (expected[w], held[w])
             assert expected[w] >= 0
-    assert _balance(container, accounts.revenue) == revenue
+    assert sum(_balance(container, a) for a in accounts.revenue_shards) == revenue
     assert _balance(container, accounts.holds) == sum(held.values())
     kinds = {kind for kind, _ in done}
     assert kinds >= {"topup", "transfer", "hold", "capture", "void"}, kinds
@@ -764,6 +764,57 @@ def _inject_key_of_other_sku(conn: Connection, s: Scene) -> None:
     )
 
 
+def _inject_forgotten_order(conn: Connection, s: Scene) -> None:
+    conn.execute(text("UPDATE orders SET next_action_at = NULL WHERE id = :o"), {"o": s.fulfilling})
+
+
+def _inject_second_purchase(conn: Connection, s: Scene) -> None:
+    # The schema refuses a second live purchase for a line; drop that guard (inside the
+    # rolled-back transaction) to prove the check would still see one.
+    conn.execute(text("DROP INDEX uq_procurements_live_line"))
+    conn.execute(
+        text(
+            "INSERT INTO suppliers (code, name, adapter, base_url, api_key, sealed_secret, "
+            "enabled, timeout_ms, circuit_state, failures, circuit_opened_count, "
+            "low_balance_cents, created_at) VALUES ('x', 'x', 'simulator', 'http://x', 'k', "
+            ":b, true, 1000, 'closed', 0, 0, 0, :t)"
+        ),
+        {"b": b"x", "t": s.container.clock()},
+    )
+    sid = conn.execute(text("SELECT id FROM suppliers WHERE code = 'x'")).scalar_one()
+    sku_id = s.container.sku(s.topup_sku).id
+    conn.execute(
+        text(
+            "INSERT INTO supplier_offers (sku_id, supplier_id, supplier_sku, cost_cents, "
+            "priority, enabled, created_at) VALUES (:k, :s, 'X', 1, 1, true, :t)"
+        ),
+        {"k": sku_id, "s": sid, "t": s.container.clock()},
+    )
+    oid = conn.execute(
+        text("SELECT id FROM supplier_offers WHERE supplier_id = :s"), {"s": sid}
+    ).scalar_one()
+    line = conn.execute(
+        text("SELECT id FROM order_lines WHERE order_id = :o"), {"o": s.fulfilling}
+    ).scalar_one()
+    for n in (1, 2):
+        conn.execute(
+            text(
+                "INSERT INTO procurements (order_id, order_line_id, supplier_id, offer_id, "
+                "out_trade_no, trade_no, state, quantity, keys_received, cost_cents, reason, "
+                "attempts, created_at, updated_at) VALUES (:o, :l, :s, :f, :n, '', 'accepted', "
+                "1, 0, 1, '', 1, :t, :t)"
+            ),
+            {
+                "o": s.fulfilling,
+                "l": line,
+                "s": sid,
+                "f": oid,
+                "n": f"N{n}",
+                "t": s.container.clock(),
+            },
+        )
+
+
 # (damage, the checks that must report it). Most damage is seen by exactly one check; where a
 # violation necessarily implies another (an unbalanced transaction whose balances were applied
 # makes the accounts not sum to zero), both are named.
@@ -797,6 +848,8 @@ INJECTIONS: dict[str, tuple[Injection, set[str]]] = {
     "sold_key_without_line": (_inject_sold_key_without_line, {"sold_keys_belong_to_a_line"}),
     "delivery_row_missing": (_inject_missing_delivery, {"one_delivery_per_delivered_line"}),
     "key_of_another_sku": (_inject_key_of_other_sku, {"key_sku_matches_line"}),
+    "paid_order_forgotten": (_inject_forgotten_order, {"undelivered_orders_are_due"}),
+    "second_purchase_for_a_line": (_inject_second_purchase, {"one_purchase_per_line"}),
 }
 
 

@@ -168,6 +168,8 @@ async def create_order(request: Request) -> Any:
                 fields=fields,
                 customer_ref=payload.customer_ref,
                 confirm_duplicate=payload.confirm_duplicate,
+                supplier_offers=container.has_offers(sku.id, conn=conn),
+                notify_url=payload.notify_url or "",
             ),
             accounts=container.accounts,
             vault=container.vault,

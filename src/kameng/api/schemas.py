@@ -55,6 +55,15 @@ class CreateOrderRequest(StrictBody):
         default=False,
         description="Set after a duplicate_order_suspected answer to buy again on purpose",
     )
+    notify_url: Annotated[
+        str | None,
+        Field(
+            max_length=500,
+            pattern=r"^https?://[^\s]+$",
+            description="Where to POST signed status updates of this order (X-Kameng-Signature "
+            "over the body with your API secret)",
+        ),
+    ] = None
 
 
 class LookupRequest(StrictBody):

@@ -10,7 +10,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kameng.cli import catalog, resellers, stock  # noqa: F401  (register their commands)
+from kameng.cli import (  # noqa: F401  (register their commands)
+    catalog,
+    resellers,
+    stock,
+    supplier_sim,
+    suppliers,
+)
 from kameng.cli.base import _container, _report, app, console, err_console, ledger_app
 from kameng.cli.resellers import _print_credentials
 from kameng.errors import KamengError
@@ -53,12 +59,17 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port")] = None,
     workers: Annotated[int, typer.Option(help="Web processes")] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request")] = False,
+    worker: Annotated[
+        bool, typer.Option(help="Run the pipeline worker in the same process (embedded)")
+    ] = True,
 ) -> None:
-    """Run the platform (web + API). Processes share SQLite safely through a file lock."""
+    """Run the platform: web + API and (by default) one pipeline worker in the same process.
+    Processes share SQLite safely through a file lock; one of them claims due orders."""
     import uvicorn
 
     from kameng.config import get_settings
 
+    os.environ["KAMENG_EMBEDDED_WORKER"] = "1" if worker else "0"
     settings = get_settings()
     uvicorn.run(
         "kameng.asgi:app",
@@ -78,8 +89,39 @@ def web(
     port: Annotated[int | None, typer.Option(help="Port")] = None,
     workers: Annotated[int, typer.Option(help="Web processes")] = 1,
 ) -> None:
-    """Run only the web/API processes (the pipeline worker runs separately)."""
-    serve(host=host, port=port, workers=workers, access_log=False)
+    """Run only the web/API processes (run `kameng worker` separately)."""
+    serve(host=host, port=port, workers=workers, access_log=False, worker=False)
+
+
+@app.command()
+def worker(
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve this worker's own /metrics on this port")
+    ] = None,
+) -> None:
+    """Run one pipeline worker: claims due orders, talks to suppliers, sends notifications.
+    Start several on PostgreSQL to share the work; stops gracefully on SIGTERM / Ctrl-C."""
+    import asyncio
+    import logging
+    import signal
+
+    from kameng.pipeline.worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    container = _container()
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Worker(container).run(stop)
+
+    asyncio.run(main())
 
 
 @app.command()

@@ -13,6 +13,7 @@ from kameng.audit import service as audit
 from kameng.container import Container
 from kameng.inventory import service as inventory
 from kameng.inventory.service import ImportResult
+from kameng.orders import fulfil
 
 MAX_REPORTED_INVALID = 50
 
@@ -75,6 +76,9 @@ def import_lines(
             progress(len(chunk))
     with container.db.unit_of_work() as session:
         inventory.finish_batch(session.connection(), result)
+        if result.imported:
+            # Orders waiting for this SKU are served first, oldest first, by the worker.
+            fulfil.nudge_backorders(session.connection(), sku_ids=[sku.id], now=now)
         audit.record(
             session,
             actor=actor,

@@ -23,6 +23,7 @@ from kameng.db import Base, BigId, UTCDateTime, utcnow
 class KeyState(StrEnum):
     available = "available"
     sold = "sold"
+    held = "held"  # bought from a supplier for a line that is not complete yet; not for sale
     burned = "burned"  # reported bad / withdrawn by staff; never sold again
 
 

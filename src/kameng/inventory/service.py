@@ -112,6 +112,12 @@ _INSERT_KEY_SQL = (
     "VALUES ({p}, {p}, 'available', {p}, {p}, {p}) "
     "ON CONFLICT (sku_id, fingerprint) DO NOTHING"
 )
+# Keys bought from a supplier for one line go straight to that line (never on sale).
+_INSERT_LINE_KEY_SQL = (
+    "INSERT INTO card_keys (sku_id, batch_id, state, fingerprint, ciphertext, created_at, "
+    "order_line_id, sold_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}) "
+    "ON CONFLICT (sku_id, fingerprint) DO NOTHING"
+)
 
 
 def insert_keys(
@@ -123,8 +129,12 @@ def insert_keys(
     batch_id: int,
     keys: list[tuple[str, str | None]],
     now: datetime,
+    for_line: tuple[KeyState, int] | None = None,
 ) -> int:
     """Encrypt and insert keys, skipping any whose fingerprint the SKU already has.
+
+    `for_line` (state, line id) stores keys a supplier delivered for one order line as `held`
+    (more to come) or `sold` (delivered now) instead of putting them on sale.
 
     Returns how many were inserted; the rest were duplicates (of stock, or within the file).
     Goes straight to the DB-API cursor: at a million keys, per-row ORM or Core overhead would
@@ -133,27 +143,26 @@ def insert_keys(
     if not keys:
         return 0
     created = db_time(conn, now)
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     for code, secret in keys:
         fp = vault.fingerprint(sku_id, code)
-        rows.append(
-            (
-                sku_id,
-                batch_id,
-                fp,
-                vault.encrypt_key(aead, sku_id, fp, encode_card_key(code, secret)),
-                created,
-            )
-        )
+        ciphertext = vault.encrypt_key(aead, sku_id, fp, encode_card_key(code, secret))
+        if for_line is None:
+            rows.append((sku_id, batch_id, fp, ciphertext, created))
+        else:
+            state, line_id = for_line
+            rows.append((sku_id, batch_id, state.value, fp, ciphertext, created, line_id, created))
     # Fingerprints are random: inserting them in sorted order walks the unique index's B-tree
     # once per chunk instead of jumping to a random page for every key.
-    rows.sort(key=lambda row: row[2])
+    fp_at = 2 if for_line is None else 3
+    rows.sort(key=lambda row: row[fp_at])
+    sql = _INSERT_KEY_SQL if for_line is None else _INSERT_LINE_KEY_SQL
     raw = conn.connection.driver_connection
     assert raw is not None
     cursor = raw.cursor()
     try:
         placeholder = "%s" if conn.dialect.name == "postgresql" else "?"
-        cursor.executemany(_INSERT_KEY_SQL.format(p=placeholder), rows)
+        cursor.executemany(sql.format(p=placeholder), rows)
         return int(cursor.rowcount)
     finally:
         cursor.close()
@@ -251,6 +260,35 @@ def release(conn: Connection, *, line_id: int) -> int:
     return conn.execute(
         update(_key)
         .where(_key.c.order_line_id == line_id, _key.c.state == KeyState.sold.value)
+        .values(state=KeyState.available.value, order_line_id=None, sold_at=None)
+    ).rowcount
+
+
+def held_count(conn: Connection, *, line_id: int) -> int:
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(_key)
+            .where(_key.c.order_line_id == line_id, _key.c.state == KeyState.held.value)
+        ).scalar_one()
+    )
+
+
+def sell_held(conn: Connection, *, line_id: int, now: datetime) -> int:
+    """A supplier-filled line is delivered: its held keys become the line's sold keys."""
+    return conn.execute(
+        update(_key)
+        .where(_key.c.order_line_id == line_id, _key.c.state == KeyState.held.value)
+        .values(state=KeyState.sold.value, sold_at=now)
+    ).rowcount
+
+
+def held_to_stock(conn: Connection, *, line_id: int) -> int:
+    """The order was refunded while a supplier had delivered part of it: those keys are ours
+    (we paid for them) and go on sale like any imported key."""
+    return conn.execute(
+        update(_key)
+        .where(_key.c.order_line_id == line_id, _key.c.state == KeyState.held.value)
         .values(state=KeyState.available.value, order_line_id=None, sold_at=None)
     ).rowcount
 

@@ -253,6 +253,7 @@ def _resolve_hold(
     now: datetime,
     actor: str,
     memo: str,
+    returned_cents: int = 0,
 ) -> int:
     """Capture or void a pending hold exactly once.
 
@@ -284,10 +285,22 @@ def _resolve_hold(
             from_status=f"hold:{hold.state if hold else 'missing'}",
             to_status=f"hold:{to_state.value}",
         )
+    amount = int(hold.amount_cents)
+    if returned_cents:
+        # A partial capture: what was not delivered goes back to the wallet it came from.
+        if not 0 < returned_cents < amount:
+            raise KamengError(ErrorCode.invalid_amount, detail="partial return out of range")
+        legs = [
+            (holds_account, -amount),
+            (counter_account, amount - returned_cents),
+            (int(hold.account_id), returned_cents),
+        ]
+    else:
+        legs = [(holds_account, -amount), (counter_account, amount)]
     txn_id = post(
         conn,
         kind="capture" if to_state is HoldState.captured else "void",
-        legs=[(holds_account, -hold.amount_cents), (counter_account, hold.amount_cents)],
+        legs=legs,
         now=now,
         ref_type=hold.ref_type,
         ref_id=hold.ref_id,
@@ -311,16 +324,21 @@ def capture_hold(
     accounts: PlatformAccounts,
     now: datetime,
     actor: str = "system",
+    returned_cents: int = 0,
+    memo: str = "",
 ) -> int:
+    """Take a held payment as revenue; `returned_cents` of it (an undelivered part) goes back
+    to the buyer's wallet in the same transaction."""
     return _resolve_hold(
         conn,
         hold_id=hold_id,
         to_state=HoldState.captured,
-        counter_account=accounts.revenue,
+        counter_account=accounts.revenue_for(hold_id),
         holds_account=accounts.holds,
         now=now,
         actor=actor,
-        memo="",
+        memo=memo,
+        returned_cents=returned_cents,
     )
 
 

@@ -97,19 +97,31 @@ CHECKS: dict[str, str] = {
 }
 
 STOCK_CHECKS: dict[str, str] = {
+    # A delivered line has exactly the keys its delivery row counts (fewer than ordered only when
+    # a supplier delivered part and the rest was refunded); an undelivered line may hold keys
+    # bought from a supplier while it waits for the rest, but never sold ones.
     "delivered_lines_have_their_keys": """
-        SELECT l.id, l.quantity, COUNT(k.id) AS keys FROM order_lines l
+        SELECT l.id, l.quantity, d.key_count,
+               SUM(CASE WHEN k.state = 'sold' THEN 1 ELSE 0 END) AS sold,
+               SUM(CASE WHEN k.state = 'held' THEN 1 ELSE 0 END) AS held
+        FROM order_lines l
         JOIN orders o ON o.id = l.order_id
         JOIN skus s ON s.id = l.sku_id JOIN products p ON p.id = s.product_id
-        LEFT JOIN card_keys k ON k.order_line_id = l.id AND k.state = 'sold'
+        LEFT JOIN deliveries d ON d.order_line_id = l.id
+        LEFT JOIN card_keys k ON k.order_line_id = l.id AND k.state IN ('sold', 'held')
         WHERE p.delivery_kind = 'card_key'
-        GROUP BY l.id, l.quantity, o.status
-        HAVING (o.status IN ('delivered', 'completed') AND COUNT(k.id) <> l.quantity)
+        GROUP BY l.id, l.quantity, o.status, d.key_count
+        HAVING (o.status IN ('delivered', 'completed')
+                AND ((d.key_count IS NOT NULL
+                      AND SUM(CASE WHEN k.state = 'sold' THEN 1 ELSE 0 END) <> d.key_count)
+                     OR COALESCE(d.key_count, 0) > l.quantity
+                     OR SUM(CASE WHEN k.state = 'held' THEN 1 ELSE 0 END) <> 0))
             OR (o.status NOT IN ('delivered', 'completed', 'disputed', 'replaced')
-                AND COUNT(k.id) <> 0)
+                AND SUM(CASE WHEN k.state = 'sold' THEN 1 ELSE 0 END) <> 0)
+            OR SUM(CASE WHEN k.state = 'held' THEN 1 ELSE 0 END) > l.quantity
     """,
     "sold_keys_belong_to_a_line": """
-        SELECT id FROM card_keys WHERE (state = 'sold') <> (order_line_id IS NOT NULL)
+        SELECT id FROM card_keys WHERE (state IN ('sold', 'held')) <> (order_line_id IS NOT NULL)
     """,
     "one_delivery_per_delivered_line": """
         SELECT l.id FROM order_lines l JOIN orders o ON o.id = l.order_id
@@ -119,6 +131,18 @@ STOCK_CHECKS: dict[str, str] = {
     "key_sku_matches_line": """
         SELECT k.id FROM card_keys k JOIN order_lines l ON l.id = k.order_line_id
         WHERE k.sku_id <> l.sku_id
+    """,
+    # DESIGN §5.4: nothing paid is forgotten — every undelivered paid order is due some time.
+    "undelivered_orders_are_due": """
+        SELECT id, order_no, status, stage FROM orders
+        WHERE status IN ('paid', 'screening', 'review', 'fulfilling', 'backordered',
+                         'needs_buyer_action')
+          AND next_action_at IS NULL
+    """,
+    # DESIGN §5.3: at most one upstream purchase per line (a rejection bought nothing).
+    "one_purchase_per_line": """
+        SELECT order_line_id, COUNT(*) FROM procurements WHERE state <> 'rejected'
+        GROUP BY order_line_id HAVING COUNT(*) > 1
     """,
 }
 
@@ -147,6 +171,7 @@ def verify(conn: Connection, *, include_stock: bool = True) -> Report:
         "entries": "SELECT COUNT(*) FROM ledger_entries",
         "pending_holds": "SELECT COUNT(*) FROM ledger_holds WHERE state = 'pending'",
         "orders": "SELECT COUNT(*) FROM orders",
+        "procurements": "SELECT COUNT(*) FROM procurements",
     }.items():
         report.figures[name] = int(conn.execute(text(sql)).scalar_one())
     return report

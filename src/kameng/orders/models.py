@@ -58,6 +58,8 @@ class Order(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Where to POST signed status updates for this order (a docking site's callback URL).
+    notify_url: Mapped[str] = mapped_column(String(500), default="")
 
 
 class OrderLine(Base):

@@ -51,7 +51,8 @@ _RECENT_DUPLICATE = RawSQL(
 _ORDER_COLUMNS = (
     "order_no, channel, reseller_id, customer_ref, sku_id, status, stage, reason, stage_since, "
     "next_action_at, sla_deadline, attempts, version, currency, amount_cents, paid_cents, "
-    "refunded_cents, hold_id, dedupe_key, lookup_hash, created_at, updated_at, delivered_at"
+    "refunded_cents, hold_id, dedupe_key, lookup_hash, created_at, updated_at, delivered_at, "
+    "notify_url"
 )
 _INSERT_ORDER = RawSQL(
     f"INSERT INTO orders ({_ORDER_COLUMNS}) VALUES "
@@ -72,6 +73,9 @@ _INSERT_LINE = RawSQL(
 _INSERT_EVENTS = MultiInsert(
     "order_events",
     ("order_id", "from_status", "to_status", "stage", "reason", "actor", "details", "at"),
+)
+_QUEUE_EXISTS = RawSQL(
+    "SELECT id FROM orders WHERE status = 'backordered' AND sku_id = :sku_id LIMIT 1"
 )
 _INSERT_DELIVERY = RawSQL(
     "INSERT INTO deliveries (order_line_id, source, key_count, delivered_at) "
@@ -109,6 +113,8 @@ class PlaceOrder:
     customer_ref: str = ""
     confirm_duplicate: bool = False
     channel: str = "api"
+    supplier_offers: bool = False  # the SKU can be procured upstream when own stock is short
+    notify_url: str = ""
 
 
 @dataclass
@@ -227,6 +233,7 @@ def place_order(
         "created_at": at,
         "updated_at": at,
         "delivered_at": None,
+        "notify_url": cmd.notify_url,
     }
     line_params = {
         "sku_id": sku.id,
@@ -243,10 +250,15 @@ def place_order(
         _event_row(conn, order_id, None, Status.paid, None, "paid_from_balance", buyer.actor, now)
     ]
     claimed: list[inventory.ClaimedKey] | None = None
+    queued = False
     if sku.delivery_kind == DeliveryKind.card_key.value:
-        claimed = inventory.claim(
-            conn, sku_id=sku.id, quantity=cmd.quantity, line_id=line_id, now=now
-        )
+        # Restocks never jump the queue: with orders already waiting for this SKU, a new one
+        # waits behind them instead of taking keys that arrived for them.
+        queued = _QUEUE_EXISTS.one(conn, {"sku_id": sku.id}) is not None
+        if not queued:
+            claimed = inventory.claim(
+                conn, sku_id=sku.id, quantity=cmd.quantity, line_id=line_id, now=now
+            )
 
     next_action_at: datetime | None = None
     sla_deadline: datetime | None = None
@@ -298,7 +310,9 @@ def place_order(
             )
         else:
             sla_deadline = now + timedelta(seconds=sku.sla_seconds or policy.default_sla_s)
-            if sku.delivery_kind == DeliveryKind.card_key.value:
+            if sku.delivery_kind == DeliveryKind.card_key.value and (
+                queued or not cmd.supplier_offers
+            ):
                 status, stage, reason = Status.backordered, Stage.waiting_stock, "out_of_stock"
                 next_action_at = now + timedelta(seconds=policy.backorder_retry_s)
                 events.append(
@@ -316,7 +330,7 @@ def place_order(
                 )
             else:
                 status = Status.fulfilling
-                if sku.delivery_kind == DeliveryKind.direct_topup.value:
+                if sku.delivery_kind != DeliveryKind.manual.value:
                     stage, reason = Stage.procuring, "awaiting_supplier"
                     next_action_at = now
                 else:

@@ -277,3 +277,14 @@ def list_resellers(session: Session) -> list[tuple[Reseller, str]]:
         select(Reseller, Tier.code).join(Tier, Tier.id == Reseller.tier_id).order_by(Reseller.id)
     )
     return [(r, code) for r, code in rows]
+
+
+def webhook_secrets(conn: Connection, vault: Vault, *, reseller_id: int) -> list[str]:
+    """Secrets that sign webhooks to this reseller: those of its active credentials (the
+    header carries one signature per secret, so a rotation never drops a delivery)."""
+    rows = conn.execute(
+        select(_cred.c.api_key, _cred.c.sealed_secret).where(
+            _cred.c.reseller_id == reseller_id, _cred.c.status == "active"
+        )
+    ).all()
+    return [vault.unseal(bytes(sealed), _credential_context(key)) for key, sealed in rows]

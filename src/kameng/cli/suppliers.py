@@ -1,0 +1,191 @@
+"""`kameng supplier …`: connect upstream suppliers, map our SKUs to theirs, watch their health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kameng.cli.base import ActorOpt, _actor, _container, console, supplier_app
+from kameng.errors import ErrorCode, KamengError
+from kameng.suppliers.port import CatalogItem
+
+
+@supplier_app.command("add")
+def supplier_add(
+    code: Annotated[str, typer.Argument(help="Short name, used in callback URLs")],
+    url: Annotated[str, typer.Option(help="Their base URL")],
+    api_key: Annotated[str, typer.Option(help="Our key at the supplier")],
+    secret: Annotated[
+        str | None,
+        typer.Option(help="Our secret at the supplier (default: $KAMENG_SUPPLIER_SECRET)"),
+    ] = None,
+    adapter: Annotated[str, typer.Option(help="simulator | kameng")] = "simulator",
+    name: Annotated[str | None, typer.Option()] = None,
+    timeout_ms: Annotated[int, typer.Option(help="Per-request timeout")] = 10_000,
+    low_balance: Annotated[str, typer.Option(help="Warn below this balance")] = "100.00",
+    actor: ActorOpt = None,
+) -> None:
+    """Connect a supplier. The secret is stored sealed (AES-GCM), never in clear."""
+    from kameng.audit import service as audit
+    from kameng.money import parse_amount
+    from kameng.suppliers import service as suppliers
+
+    secret = secret or os.environ.get("KAMENG_SUPPLIER_SECRET")
+    if not secret:
+        raise KamengError(ErrorCode.invalid_request, detail="--secret or KAMENG_SUPPLIER_SECRET")
+    container = _container()
+    with container.db.unit_of_work() as session:
+        supplier_id = suppliers.create_supplier(
+            session.connection(),
+            container.vault,
+            code=code,
+            name=name or code,
+            adapter=adapter,
+            base_url=url,
+            api_key=api_key,
+            secret=secret,
+            timeout_ms=timeout_ms,
+            low_balance_cents=parse_amount(low_balance, allow_zero=True),
+            now=container.clock(),
+        )
+        audit.record(
+            session,
+            actor=_actor(actor),
+            action="supplier.add",
+            target_type="supplier",
+            target_id=code,
+            details={"adapter": adapter, "url": url},
+        )
+    console.print(f"supplier [bold]{code}[/bold] added (id {supplier_id})")
+    console.print(
+        f"callbacks: {container.settings.callback_base_url}/api/v1/callbacks/suppliers/{code}"
+    )
+
+
+@supplier_app.command("offer")
+def supplier_offer(
+    sku: Annotated[str, typer.Argument(help="Our SKU code")],
+    supplier: Annotated[str, typer.Argument(help="Supplier code")],
+    their_sku: Annotated[str, typer.Argument(help="The supplier's SKU code")],
+    cost: Annotated[str, typer.Option(help="What one unit costs us there")],
+    priority: Annotated[int, typer.Option(help="Lower is tried first")] = 100,
+    actor: ActorOpt = None,
+) -> None:
+    """Let the pipeline procure one of our SKUs from a supplier (add or update the offer)."""
+    from kameng.audit import service as audit
+    from kameng.money import parse_amount
+    from kameng.suppliers import service as suppliers
+
+    container = _container()
+    sku_info = container.sku(sku)
+    with container.db.unit_of_work() as session:
+        conn = session.connection()
+        row = suppliers.supplier_by_code(conn, supplier)
+        offer_id = suppliers.add_offer(
+            conn,
+            sku_id=sku_info.id,
+            supplier_id=row.id,
+            supplier_sku=their_sku,
+            cost_cents=parse_amount(cost, allow_zero=True),
+            priority=priority,
+            now=container.clock(),
+        )
+        audit.record(
+            session,
+            actor=_actor(actor),
+            action="supplier.offer",
+            target_type="sku",
+            target_id=sku,
+            details={"supplier": supplier, "their_sku": their_sku, "cost": cost},
+        )
+    console.print(f"offer {offer_id}: {sku} <- {supplier}:{their_sku} at {cost}")
+
+
+@supplier_app.command("sync")
+def supplier_sync(
+    code: Annotated[str, typer.Argument(help="Supplier code")],
+    mapping: Annotated[
+        list[str] | None,
+        typer.Option("--map", help="THEIRS=OURS; default: SKUs with the same code"),
+    ] = None,
+    priority: Annotated[int, typer.Option()] = 100,
+) -> None:
+    """Read the supplier's catalog and create or update offers at their current prices."""
+    from kameng.pipeline.registry import build_adapter
+    from kameng.suppliers import service as suppliers
+
+    container = _container()
+    with container.db.connect(write=False) as conn:
+        row = suppliers.supplier_by_code(conn, code)
+    adapter = build_adapter(row, container.vault)
+
+    async def fetch() -> list[CatalogItem]:
+        try:
+            return await adapter.catalog()
+        finally:
+            await adapter.aclose()
+
+    items = asyncio.run(fetch())
+    wanted = dict(m.split("=", 1) for m in (mapping or []) if "=" in m)
+    table = Table("their sku", "name", "price", "available", "our sku", "result")
+    for item in items:
+        ours = wanted.get(item.sku, item.sku if not wanted else None)
+        result = "-"
+        if ours:
+            try:
+                sku_info = container.sku(ours)
+            except KamengError:
+                result = "no such SKU here"
+            else:
+                with container.db.connect() as conn:
+                    suppliers.add_offer(
+                        conn,
+                        sku_id=sku_info.id,
+                        supplier_id=row.id,
+                        supplier_sku=item.sku,
+                        cost_cents=item.price_cents,
+                        priority=priority,
+                        now=container.clock(),
+                    )
+                result = "offer saved"
+        table.add_row(
+            item.sku,
+            item.name,
+            f"{item.price_cents / 100:.2f}",
+            "∞" if item.available is None else str(item.available),
+            ours or "",
+            result,
+        )
+    console.print(table)
+
+
+@supplier_app.command("list")
+def supplier_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Suppliers with their circuit, success rate, latency and balance (last 15 minutes)."""
+    from kameng.suppliers import service as suppliers
+
+    container = _container()
+    with container.db.connect(write=False) as conn:
+        health = suppliers.health(conn, now=container.clock())
+    if as_json:
+        print(json.dumps([{f: getattr(h, f) for f in h.__slots__} for h in health], default=str))
+        return
+    table = Table("supplier", "circuit", "purchases", "success", "p50 ms", "p95 ms", "balance")
+    for h in health:
+        table.add_row(
+            h.code,
+            h.circuit_state,
+            str(h.purchases),
+            "-" if h.success_rate is None else f"{h.success_rate:.1%}",
+            str(h.latency_p50_ms or "-"),
+            str(h.latency_p95_ms or "-"),
+            "-"
+            if h.balance_cents is None
+            else f"{h.balance_cents / 100:.2f}" + (" LOW" if h.low_balance else ""),
+        )
+    console.print(table)

@@ -1,0 +1,421 @@
+"""Applying a supplier's answer to a procurement and its order, in one transaction.
+
+Used for purchase answers, poll answers and callbacks alike, so all three paths share one
+set of rules. Every rule is monotonic — keys only accumulate (deduplicated by fingerprint),
+a final procurement never changes again — which is what makes duplicate, late and
+out-of-order answers harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from kameng.catalog.models import DeliveryKind
+from kameng.inventory import service as inventory
+from kameng.ledger import service as ledger
+from kameng.orders import fulfil
+from kameng.orders.state import DEFAULT_STAGE, TERMINAL, Stage, Status
+from kameng.pipeline import outbox
+from kameng.security.crypto import Vault
+from kameng.suppliers import service as suppliers
+from kameng.suppliers.models import LIVE_STATES, ProcurementState
+from kameng.suppliers.port import Outcome, Result
+
+log = logging.getLogger("kameng.pipeline")
+
+# Rejection reasons that are about the buyer's information, not about supply.
+BUYER_INFO_REASONS = frozenset({"invalid_fields"})
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The pipeline's clock settings, passed down so tests can shrink them."""
+
+    poll_s: int = 30
+    retry_cap_s: int = 300
+    backorder_retry_s: int = 60
+
+
+def backoff(attempt: int, *, first: float, cap: float) -> timedelta:
+    """Capped exponential backoff with jitter in [50 %, 100 %] of the step (never a storm)."""
+    import random
+
+    step = min(cap, first * 2 ** max(attempt - 1, 0))
+    return timedelta(seconds=max(0.2, random.uniform(step / 2, step)))
+
+
+def cap_at_deadline(order: Any, when: datetime) -> datetime:
+    """Never schedule past the order's SLA deadline: the deadline itself is an action time."""
+    deadline = order.sla_deadline
+    return min(when, deadline) if deadline is not None else when
+
+
+def transition(
+    conn: Connection,
+    *,
+    loaded: fulfil.Loaded,
+    to_status: Status,
+    stage: Stage | None,
+    reason: str,
+    now: datetime,
+    next_action_at: datetime | None,
+    details: dict[str, Any] | None = None,
+    extra_values: dict[str, Any] | None = None,
+) -> None:
+    """An order move plus its outgoing notification, committed together."""
+    fulfil.move(
+        conn,
+        order=loaded.order,
+        to_status=to_status,
+        stage=stage,
+        reason=reason,
+        now=now,
+        next_action_at=next_action_at,
+        details=details,
+        extra_values=extra_values,
+    )
+    outbox.enqueue_order_update(
+        conn,
+        order=loaded.order,
+        status=to_status.value,
+        stage=(stage or DEFAULT_STAGE[to_status]).value,
+        reason=reason,
+        now=now,
+    )
+
+
+def deliver(
+    conn: Connection,
+    *,
+    loaded: fulfil.Loaded,
+    accounts: ledger.PlatformAccounts,
+    source: str,
+    reason: str,
+    now: datetime,
+    details: dict[str, Any] | None = None,
+    allow_partial: bool = False,
+) -> None:
+    fulfil.deliver(
+        conn,
+        loaded=loaded,
+        accounts=accounts,
+        source=source,
+        reason=reason,
+        now=now,
+        details=details,
+        allow_partial=allow_partial,
+    )
+    outbox.enqueue_order_update(
+        conn, order=loaded.order, status="delivered", stage="delivered", reason=reason, now=now
+    )
+
+
+def refund(
+    conn: Connection,
+    *,
+    loaded: fulfil.Loaded,
+    accounts: ledger.PlatformAccounts,
+    reason: str,
+    now: datetime,
+    details: dict[str, Any] | None = None,
+) -> None:
+    fulfil.refund(conn, loaded=loaded, accounts=accounts, reason=reason, now=now, details=details)
+    outbox.enqueue_order_update(
+        conn, order=loaded.order, status="refunded", stage="closed", reason=reason, now=now
+    )
+
+
+def apply_result(
+    conn: Connection,
+    *,
+    vault: Vault,
+    accounts: ledger.PlatformAccounts,
+    procurement: Any,
+    supplier_code: str,
+    result: Result,
+    now: datetime,
+    timing: Timing,
+    via: str,
+    latency_ms: int | None = None,
+) -> str:
+    """Apply one answer about `procurement`. Returns a short label of what happened."""
+    proc = suppliers.procurement_by_out_trade_no(
+        conn, supplier_id=procurement.supplier_id, out_trade_no=procurement.out_trade_no
+    )
+    if proc is None:
+        return "procurement_missing"
+    loaded = fulfil.load(conn, order_id=proc.order_id)
+    if loaded is None or loaded.line is None:
+        return "order_missing"
+    order = loaded.order
+    state = ProcurementState(proc.state)
+    extra: dict[str, Any] = {}
+    if latency_ms is not None and proc.latency_ms is None:
+        extra["latency_ms"] = latency_ms
+    if result.trade_no and not proc.trade_no:
+        extra["trade_no"] = result.trade_no[:64]
+    source = f"supplier:{supplier_code}"
+    keys = [(k.code, k.secret) for k in result.keys]
+
+    if state not in LIVE_STATES:
+        # Final already. Keys arriving for a line that no longer wants them (refunded at its
+        # deadline, or a duplicate purchase) are ours: put them on sale rather than lose them.
+        if keys and result.outcome in (Outcome.delivered, Outcome.partial):
+            added = _keys_to_stock(conn, vault, order=order, keys=keys, source=source, now=now)
+            if added:
+                log.warning("%d late key(s) for %s went to stock", added, proc.out_trade_no)
+            return "late_keys_to_stock"
+        return "ignored_final"
+
+    if Status(order.status) in TERMINAL or order.status == Status.delivered.value:
+        # The order ended (refunded at its deadline) while this purchase was open.
+        if keys:
+            _keys_to_stock(conn, vault, order=order, keys=keys, source=source, now=now)
+        if result.outcome in (Outcome.delivered, Outcome.rejected):
+            suppliers.update_procurement(
+                conn,
+                procurement_id=proc.id,
+                state=ProcurementState.abandoned
+                if result.outcome is Outcome.delivered
+                else ProcurementState.rejected,
+                now=now,
+                reason=result.reason[:64] or "order_closed",
+                **extra,
+            )
+        return "order_closed"
+
+    outcome = result.outcome
+    is_card = loaded.delivery_kind == DeliveryKind.card_key.value
+    if outcome in (Outcome.delivered, Outcome.partial):
+        held = proc.keys_received
+        if is_card:
+            held = fulfil.store_supplier_keys(
+                conn,
+                vault,
+                order=order,
+                line=loaded.line,
+                keys=keys,
+                source=source,
+                unit_cost_cents=proc.cost_cents // max(proc.quantity, 1),
+                now=now,
+            )
+        complete = (not is_card and outcome is Outcome.delivered) or (
+            is_card and held >= loaded.line.quantity
+        )
+        _feed_breaker(conn, supplier_id=proc.supplier_id, ok=True, now=now)
+        if complete:
+            suppliers.update_procurement(
+                conn,
+                procurement_id=proc.id,
+                state=ProcurementState.delivered,
+                now=now,
+                keys_received=held,
+                **extra,
+            )
+            deliver(
+                conn,
+                loaded=loaded,
+                accounts=accounts,
+                source=source,
+                reason="upstream_delivered",
+                now=now,
+                details={"supplier": supplier_code, "via": via},
+            )
+            return "delivered"
+        suppliers.update_procurement(
+            conn,
+            procurement_id=proc.id,
+            state=ProcurementState.partial,
+            now=now,
+            keys_received=held,
+            **extra,
+        )
+        # Keep polling for the rest; the deadline decides what to do with a part.
+        again = cap_at_deadline(
+            order,
+            now + backoff(proc.attempts, first=min(timing.poll_s, 5), cap=timing.retry_cap_s),
+        )
+        if order.reason == "upstream_partial" and held == proc.keys_received:
+            fulfil_touch(conn, loaded=loaded, next_action_at=again)
+            return "partial"
+        transition(
+            conn,
+            loaded=loaded,
+            to_status=Status.fulfilling,
+            stage=Stage.awaiting_supplier,
+            reason="upstream_partial",
+            now=now,
+            next_action_at=cap_at_deadline(
+                order,
+                now + backoff(proc.attempts, first=min(timing.poll_s, 5), cap=timing.retry_cap_s),
+            ),
+            details={"supplier": supplier_code, "received": held, "of": loaded.line.quantity},
+        )
+        return "partial"
+
+    if outcome is Outcome.accepted:
+        if state is not ProcurementState.partial:
+            suppliers.update_procurement(
+                conn, procurement_id=proc.id, state=ProcurementState.accepted, now=now, **extra
+            )
+        _feed_breaker(conn, supplier_id=proc.supplier_id, ok=True, now=now)
+        waiting = order.stage == Stage.awaiting_supplier.value and order.reason in (
+            "awaiting_supplier_callback",
+            "upstream_partial",
+        )
+        next_at = cap_at_deadline(
+            order,
+            now
+            + (
+                timedelta(seconds=timing.poll_s)
+                if not waiting
+                else backoff(proc.attempts + 1, first=timing.poll_s, cap=timing.retry_cap_s)
+            ),
+        )
+        if waiting:
+            fulfil_touch(conn, loaded=loaded, next_action_at=next_at)
+        else:
+            transition(
+                conn,
+                loaded=loaded,
+                to_status=Status.fulfilling,
+                stage=Stage.awaiting_supplier,
+                reason="awaiting_supplier_callback",
+                now=now,
+                next_action_at=next_at,
+                details={"supplier": supplier_code},
+            )
+        return "accepted"
+
+    if outcome in (Outcome.rejected, Outcome.not_found):
+        reason = result.reason or ("not_received" if outcome is Outcome.not_found else "rejected")
+        if state is ProcurementState.partial:
+            # They delivered part and now refuse the rest: deliver the part, refund the rest.
+            suppliers.update_procurement(
+                conn,
+                procurement_id=proc.id,
+                state=ProcurementState.delivered,
+                now=now,
+                reason=reason[:64],
+                **extra,
+            )
+            deliver(
+                conn,
+                loaded=loaded,
+                accounts=accounts,
+                source=source,
+                reason="upstream_partial_refunded",
+                now=now,
+                details={"supplier": supplier_code},
+                allow_partial=True,
+            )
+            return "partial_delivered"
+        suppliers.update_procurement(
+            conn,
+            procurement_id=proc.id,
+            state=ProcurementState.rejected,
+            now=now,
+            reason=reason[:64],
+            **extra,
+        )
+        supplier_fault = reason in suppliers.SUPPLIER_WIDE
+        _feed_breaker(conn, supplier_id=proc.supplier_id, ok=not supplier_fault, now=now)
+        if reason in BUYER_INFO_REASONS:
+            transition(
+                conn,
+                loaded=loaded,
+                to_status=Status.needs_buyer_action,
+                stage=None,
+                reason="buyer_info_invalid",
+                now=now,
+                next_action_at=order.sla_deadline or now + timedelta(seconds=1800),
+                details={"supplier": supplier_code},
+            )
+            return "needs_buyer_action"
+        # Try the next offer right away (the step after this one routes again).
+        transition(
+            conn,
+            loaded=loaded,
+            to_status=Status.fulfilling,
+            stage=Stage.procuring,
+            reason=f"upstream_{reason}"[:64],
+            now=now,
+            next_action_at=now,
+            details={"supplier": supplier_code},
+        )
+        return "rejected"
+
+    # unknown: resolve by query after a backoff, never by buying again
+    attempts = proc.attempts + 1
+    suppliers.update_procurement(
+        conn,
+        procurement_id=proc.id,
+        state=ProcurementState.unknown
+        if state is not ProcurementState.partial
+        else ProcurementState.partial,
+        now=now,
+        attempts=attempts,
+        **extra,
+    )
+    _feed_breaker(conn, supplier_id=proc.supplier_id, ok=False, now=now)
+    next_at = cap_at_deadline(order, now + backoff(attempts, first=1.0, cap=timing.retry_cap_s))
+    if order.reason == "upstream_unknown_outcome":
+        fulfil_touch(conn, loaded=loaded, next_action_at=next_at)
+    else:
+        transition(
+            conn,
+            loaded=loaded,
+            to_status=Status.fulfilling,
+            stage=Stage.awaiting_supplier,
+            reason="upstream_unknown_outcome",
+            now=now,
+            next_action_at=next_at,
+            details={"supplier": supplier_code, "detail": result.detail[:100]},
+        )
+    return "unknown"
+
+
+def fulfil_touch(conn: Connection, *, loaded: fulfil.Loaded, next_action_at: datetime) -> None:
+    """Reschedule without a new timeline entry (a poll that found nothing new is not news)."""
+    fulfil.reschedule(conn, order=loaded.order, next_action_at=next_action_at)
+
+
+def _keys_to_stock(
+    conn: Connection,
+    vault: Vault,
+    *,
+    order: Any,
+    keys: list[tuple[str, str | None]],
+    source: str,
+    now: datetime,
+) -> int:
+    batch_id, aead = inventory.new_batch(
+        conn,
+        vault,
+        sku_id=order.sku_id,
+        source=f"{source} (late)",
+        unit_cost_cents=None,
+        imported_by="system",
+        now=now,
+    )
+    return inventory.insert_keys(
+        conn, vault, aead, sku_id=order.sku_id, batch_id=batch_id, keys=keys, now=now
+    )
+
+
+def _feed_breaker(conn: Connection, *, supplier_id: int, ok: bool, now: datetime) -> None:
+    """Count the answer for the supplier's circuit; when a resting supplier answers well again,
+    orders waiting for what it sells become due now ("fulfilled when a supplier recovers")."""
+    changed = suppliers.record_call(conn, supplier_id=supplier_id, ok=ok, now=now)
+    if changed == "closed":
+        log.info("supplier %s recovered", supplier_id)
+        fulfil.nudge_backorders(
+            conn, sku_ids=suppliers.skus_of_supplier(conn, supplier_id=supplier_id), now=now
+        )
+    elif changed == "open":
+        log.warning("supplier %s circuit opened", supplier_id)

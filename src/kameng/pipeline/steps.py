@@ -1,0 +1,386 @@
+"""One step of one due order: plan (short transaction) → talk to a supplier (no transaction)
+→ apply the answer (short transaction).
+
+The plan writes the procurement row *before* the request leaves, so whatever happens next —
+a crash, a timeout, a callback racing the response — the next step finds it and resolves it by
+querying. Nothing here holds a database transaction open across network I/O (DESIGN §6).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import select, text, update
+from sqlalchemy.engine import Connection
+
+from kameng.catalog.models import DeliveryKind
+from kameng.db import table
+from kameng.errors import ErrorCode, KamengError
+from kameng.ledger import service as ledger
+from kameng.orders import fulfil
+from kameng.orders.models import Order, OrderEvent
+from kameng.orders.state import TERMINAL, Stage, Status
+from kameng.pipeline import apply, outbox
+from kameng.pipeline.apply import Timing, cap_at_deadline
+from kameng.pipeline.registry import Adapters
+from kameng.security.crypto import Vault
+from kameng.suppliers import service as suppliers
+from kameng.suppliers.models import Procurement, ProcurementState, Supplier, SupplierOffer
+from kameng.suppliers.port import Outcome, Result
+
+log = logging.getLogger("kameng.pipeline")
+T = TypeVar("T")
+
+_order = table(Order)
+_event = table(OrderEvent)
+_supplier = table(Supplier)
+_proc = table(Procurement)
+_offers = table(SupplierOffer)
+
+# A purchase the supplier says it never received is re-sent under the same out-trade-no (they
+# deduplicate on it) this many times before we give up on that supplier for this order.
+RESEND_LIMIT = 3
+
+
+@dataclass
+class Plan:
+    kind: str  # done | purchase | query
+    label: str = ""
+    procurement: Any = None
+    supplier: Any = None
+    supplier_sku: str = ""
+    quantity: int = 0
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """What a step needs; built once per worker."""
+
+    run: Callable[[Callable[[Connection], Any]], Awaitable[Any]]
+    vault: Vault
+    accounts: ledger.PlatformAccounts
+    adapters: Adapters
+    clock: Callable[[], datetime]
+    callback_base_url: str
+    timing: Timing = field(default_factory=Timing)
+    lease_s: int = 120
+
+
+def _lock_backorder_queue(conn: Connection, sku_id: int) -> None:
+    """Serving a SKU's queue locks its orders oldest first; taking this per-SKU lock before any
+    of them keeps two workers from locking the same queue in different orders (deadlock)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": 0x6B6D, "b": int(sku_id)})
+
+
+def _round_start(conn: Connection, order: Any) -> datetime:
+    """Offers refused since the order last came out of the backorder queue are not retried in
+    this round; a new round (after waiting) tries everyone again."""
+    last = conn.execute(
+        select(_event.c.at)
+        .where(_event.c.order_id == order.id, _event.c.from_status == Status.backordered.value)
+        .order_by(_event.c.id.desc())
+        .limit(1)
+    ).scalar()
+    return last if last is not None else order.created_at
+
+
+def _on_served(conn: Connection, order_ids: list[int], now: datetime) -> None:
+    for order_id in order_ids:
+        served = fulfil.load(conn, order_id=order_id, lock=False)
+        if served is not None:
+            outbox.enqueue_order_update(
+                conn,
+                order=served.order,
+                status="delivered",
+                stage="delivered",
+                reason="restocked",
+                now=now,
+            )
+
+
+def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetime) -> Plan:
+    peek = conn.execute(
+        select(_order.c.status, _order.c.sku_id).where(_order.c.id == order_id)
+    ).first()
+    if peek is None:
+        return Plan("done", "missing")
+    if peek.status == Status.backordered.value:
+        _lock_backorder_queue(conn, peek.sku_id)
+    loaded = fulfil.load(conn, order_id=order_id)
+    if loaded is None or loaded.line is None:
+        return Plan("done", "missing")
+    order = loaded.order
+    status = Status(order.status)
+    if status in TERMINAL or status in (Status.delivered, Status.disputed):
+        return Plan("done", "nothing_due")
+    overdue = order.sla_deadline is not None and order.sla_deadline <= now
+
+    if status is Status.backordered:
+        if overdue:
+            apply.refund(
+                conn, loaded=loaded, accounts=ctx.accounts, reason="sla_expired_refund", now=now
+            )
+            return Plan("done", "refunded")
+        served = fulfil.serve_backorders(conn, sku_id=order.sku_id, accounts=ctx.accounts, now=now)
+        _on_served(conn, served, now)
+        if order_id in served:
+            return Plan("done", "delivered_from_stock")
+        offers = suppliers.offers_for(conn, sku_id=order.sku_id)
+        if not suppliers.route(offers, now=now, exclude=set()):
+            reopen = suppliers.next_reopen(offers, exclude=set())
+            wait = now + timedelta(seconds=ctx.timing.backorder_retry_s)
+            if reopen is not None and reopen > now:
+                wait = min(wait, reopen)
+            fulfil.reschedule(conn, order=order, next_action_at=cap_at_deadline(order, wait))
+            return Plan("done", "waiting_stock")
+        apply.transition(
+            conn,
+            loaded=loaded,
+            to_status=Status.fulfilling,
+            stage=Stage.procuring,
+            reason="awaiting_supplier",
+            now=now,
+            next_action_at=now + timedelta(seconds=ctx.lease_s),
+        )
+        loaded = fulfil.load(conn, order_id=order_id)
+        assert loaded is not None
+        order = loaded.order
+        status = Status.fulfilling
+
+    if status is Status.fulfilling and order.stage == Stage.staff_processing.value:
+        if overdue:
+            apply.refund(
+                conn, loaded=loaded, accounts=ctx.accounts, reason="staff_sla_expired", now=now
+            )
+            return Plan("done", "refunded")
+        fulfil.reschedule(conn, order=order, next_action_at=order.sla_deadline or now)
+        return Plan("done", "waiting_staff")
+
+    if status is Status.needs_buyer_action:
+        if overdue:
+            apply.refund(
+                conn,
+                loaded=loaded,
+                accounts=ctx.accounts,
+                reason="buyer_action_sla_expired",
+                now=now,
+            )
+            return Plan("done", "refunded")
+        fulfil.reschedule(
+            conn, order=order, next_action_at=order.sla_deadline or now + timedelta(hours=1)
+        )
+        return Plan("done", "waiting_buyer")
+
+    if status is not Status.fulfilling:
+        log.warning(
+            "order %s is due in %s/%s, which the pipeline does not drive yet",
+            order.order_no,
+            order.status,
+            order.stage,
+        )
+        return Plan("done", "not_driven")
+
+    procs = suppliers.procurements_of_line(conn, line_id=loaded.line.id)
+    live = suppliers.live_procurement(procs)
+    if live is not None:
+        supplier = conn.execute(select(_supplier).where(_supplier.c.id == live.supplier_id)).one()
+        offer_sku = _offer_sku(conn, live.offer_id)
+        return Plan(
+            "query",
+            procurement=live,
+            supplier=supplier,
+            supplier_sku=offer_sku,
+            quantity=live.quantity,
+            fields=dict(loaded.line.fields or {}),
+        )
+    if overdue:
+        apply.refund(
+            conn, loaded=loaded, accounts=ctx.accounts, reason="sla_expired_refund", now=now
+        )
+        return Plan("done", "refunded")
+
+    since = _round_start(conn, order)
+    refused = {p.offer_id for p in procs if p.state == "rejected" and p.created_at >= since}
+    offers = suppliers.offers_for(conn, sku_id=order.sku_id)
+    usable = suppliers.route(offers, now=now, exclude=refused)
+    if not usable:
+        last = procs[-1].reason if procs else ""
+        reason = "upstream_out_of_stock" if last == "out_of_stock" else "upstream_unavailable"
+        if not offers:
+            reason = "no_supplier"
+        wait = now + timedelta(seconds=ctx.timing.backorder_retry_s)
+        reopen = suppliers.next_reopen(offers, exclude=refused)
+        if reopen is not None and now < reopen < wait:
+            wait = reopen
+        apply.transition(
+            conn,
+            loaded=loaded,
+            to_status=Status.backordered,
+            stage=Stage.waiting_stock,
+            reason=reason,
+            now=now,
+            next_action_at=cap_at_deadline(order, wait),
+            details={"tried": len(refused)},
+        )
+        return Plan("done", "backordered")
+    offer = usable[0]
+    earlier = sum(1 for p in procs if p.supplier_id == offer.supplier_id)
+    out_trade_no = order.order_no if earlier == 0 else f"{order.order_no}-{earlier + 1}"
+    suppliers.start_procurement(
+        conn,
+        order_id=order.id,
+        line_id=loaded.line.id,
+        offer=offer,
+        out_trade_no=out_trade_no,
+        quantity=loaded.line.quantity,
+        now=now,
+    )
+    if order.stage != Stage.procuring.value or order.reason != "awaiting_supplier":
+        apply.transition(
+            conn,
+            loaded=loaded,
+            to_status=Status.fulfilling,
+            stage=Stage.procuring,
+            reason="awaiting_supplier",
+            now=now,
+            next_action_at=now + timedelta(seconds=ctx.lease_s),
+            details={"supplier": offer.supplier_code},
+        )
+    proc = suppliers.procurement_by_out_trade_no(
+        conn, supplier_id=offer.supplier_id, out_trade_no=out_trade_no
+    )
+    supplier = conn.execute(select(_supplier).where(_supplier.c.id == offer.supplier_id)).one()
+    return Plan(
+        "purchase",
+        procurement=proc,
+        supplier=supplier,
+        supplier_sku=offer.supplier_sku,
+        quantity=loaded.line.quantity,
+        fields=dict(loaded.line.fields or {}),
+    )
+
+
+def _offer_sku(conn: Connection, offer_id: int) -> str:
+    return str(
+        conn.execute(select(_offers.c.supplier_sku).where(_offers.c.id == offer_id)).scalar_one()
+    )
+
+
+def expire_if_overdue(conn: Connection, ctx: StepContext, *, order_id: int, now: datetime) -> str:
+    """At the deadline an order still waiting on a supplier is settled now: a part that
+    arrived is delivered with the rest refunded, otherwise everything is refunded. The open
+    purchase is marked abandoned; keys that still come later go to stock."""
+    loaded = fulfil.load(conn, order_id=order_id)
+    if loaded is None or loaded.order.status != Status.fulfilling.value:
+        return ""
+    order = loaded.order
+    if order.sla_deadline is None or order.sla_deadline > now:
+        return ""
+    procs = suppliers.procurements_of_line(conn, line_id=loaded.line.id)
+    live = suppliers.live_procurement(procs)
+    if live is not None:
+        suppliers.update_procurement(
+            conn,
+            procurement_id=live.id,
+            state=ProcurementState.abandoned,
+            now=now,
+            reason="order_deadline",
+        )
+    if (
+        live is not None
+        and live.keys_received > 0
+        and loaded.delivery_kind == DeliveryKind.card_key.value
+    ):
+        apply.deliver(
+            conn,
+            loaded=loaded,
+            accounts=ctx.accounts,
+            source=f"supplier:{live.supplier_id}",
+            reason="upstream_partial_refunded",
+            now=now,
+            allow_partial=True,
+        )
+        return "partial_delivered"
+    apply.refund(conn, loaded=loaded, accounts=ctx.accounts, reason="sla_expired_refund", now=now)
+    return "refunded"
+
+
+async def _with_retries(ctx: StepContext, job: Callable[[Connection], T]) -> T:
+    """A transaction that lost a compare-and-set race (a callback or cancel got there first)
+    simply runs again against the new state."""
+    for attempt in range(3):
+        try:
+            result: T = await ctx.run(job)
+            return result
+        except KamengError as exc:
+            if exc.code is not ErrorCode.concurrent_update or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def run_step(ctx: StepContext, order_id: int) -> str:
+    plan: Plan = await _with_retries(
+        ctx, lambda conn: plan_step(conn, ctx, order_id=order_id, now=ctx.clock())
+    )
+    if plan.kind == "done":
+        return plan.label
+    proc, supplier = plan.procurement, plan.supplier
+    adapter = ctx.adapters.get(supplier)
+    callback_url = f"{ctx.callback_base_url}/api/v1/callbacks/suppliers/{supplier.code}"
+    started = time.monotonic()
+    via = "purchase"
+    bump = False
+
+    async def purchase() -> Result:
+        return await adapter.purchase(
+            order_no=proc.out_trade_no,
+            sku=plan.supplier_sku,
+            quantity=plan.quantity,
+            fields=plan.fields,
+            callback_url=callback_url,
+        )
+
+    if plan.kind == "purchase":
+        result = await purchase()
+    else:
+        via = "poll"
+        result = await adapter.query(order_no=proc.out_trade_no)
+        if (
+            result.outcome is Outcome.not_found
+            and proc.state in (ProcurementState.sending.value, ProcurementState.unknown.value)
+            and proc.attempts < RESEND_LIMIT
+        ):
+            # They never got it: send it again under the same number (they deduplicate on it).
+            via, bump = "resend", True
+            result = await purchase()
+    latency_ms = int((time.monotonic() - started) * 1000)
+
+    def settle(conn: Connection) -> str:
+        now = ctx.clock()
+        if bump:
+            conn.execute(
+                update(_proc).where(_proc.c.id == proc.id).values(attempts=proc.attempts + 1)
+            )
+        label = apply.apply_result(
+            conn,
+            vault=ctx.vault,
+            accounts=ctx.accounts,
+            procurement=proc,
+            supplier_code=supplier.code,
+            result=result,
+            now=now,
+            timing=ctx.timing,
+            via=via,
+            latency_ms=latency_ms if via != "poll" else None,
+        )
+        expired = expire_if_overdue(conn, ctx, order_id=proc.order_id, now=now)
+        return expired or label
+
+    return str(await _with_retries(ctx, settle))

@@ -1,0 +1,251 @@
+"""The worker: claims due orders, runs one step each, and keeps itself visible.
+
+Claiming pushes the order's `next_action_at` forward by a lease in the claiming transaction,
+so a worker that dies mid-step (SIGKILL, power cut) simply leaves the order due again when the
+lease runs out — no separate recovery pass is needed (DESIGN §5.4). Many workers share work on
+PostgreSQL (`FOR UPDATE SKIP LOCKED`); on SQLite one process holds the claimer lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import Connection
+
+from kameng.container import Container
+from kameng.db import RawSQL, db_time, table
+from kameng.orders.models import Order
+from kameng.pipeline import outbox
+from kameng.pipeline.apply import Timing
+from kameng.pipeline.metrics import STEP_SECONDS, STEPS
+from kameng.pipeline.models import WorkerHeartbeat
+from kameng.pipeline.registry import Adapters
+from kameng.pipeline.steps import StepContext, run_step
+from kameng.suppliers import service as suppliers
+
+log = logging.getLogger("kameng.worker")
+_order = table(Order)
+_beat = table(WorkerHeartbeat)
+
+_CLAIM_PG = RawSQL(
+    "UPDATE orders SET next_action_at = :lease WHERE id IN ("
+    "SELECT id FROM orders WHERE next_action_at <= :now ORDER BY next_action_at "
+    "LIMIT :n FOR UPDATE SKIP LOCKED) RETURNING id"
+)
+_CLAIM_SQLITE = RawSQL(
+    "UPDATE orders SET next_action_at = :lease WHERE id IN ("
+    "SELECT id FROM orders WHERE next_action_at IS NOT NULL AND next_action_at <= :now "
+    "ORDER BY next_action_at LIMIT :n) RETURNING id"
+)
+
+
+def claim_due(conn: Connection, *, now: datetime, lease_s: int, limit: int) -> list[int]:
+    stmt = _CLAIM_PG if conn.dialect.name == "postgresql" else _CLAIM_SQLITE
+    rows = stmt.all(
+        conn,
+        {
+            "now": db_time(conn, now),
+            "lease": db_time(conn, now + timedelta(seconds=lease_s)),
+            "n": limit,
+        },
+    )
+    return sorted(int(r[0]) for r in rows)
+
+
+@dataclass
+class Worker:
+    container: Container
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    )
+    steps_done: int = 0
+    _inflight: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
+    _lock_file: IO[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        s = self.container.settings
+        self.adapters = Adapters(self.container.vault)
+        self.ctx = StepContext(
+            run=self.container.writer.run_async,
+            vault=self.container.vault,
+            accounts=self.container.accounts,
+            adapters=self.adapters,
+            clock=self.container.clock,
+            callback_base_url=s.callback_base_url,
+            timing=Timing(
+                poll_s=s.supplier_poll_s,
+                retry_cap_s=s.supplier_retry_cap_s,
+                backorder_retry_s=s.backorder_retry_s,
+            ),
+            lease_s=s.worker_lease_s,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _acquire_claimer(self) -> bool:
+        """SQLite has one claimer: the first worker process to lock the file is it."""
+        if not self.container.db.is_sqlite:
+            return True
+        if self._lock_file is not None:
+            return True
+        path = Path(self.container.settings.data_dir) / "worker.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = path.open("ab")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return False
+        self._lock_file = fh
+        return True
+
+    def _beat(self, state: str) -> None:
+        now = self.container.clock()
+        with self.container.db.connect() as conn:
+            changed = conn.execute(
+                update(_beat)
+                .where(_beat.c.worker_id == self.worker_id)
+                .values(seen_at=now, state=state, steps=self.steps_done)
+            ).rowcount
+            if not changed:
+                conn.execute(
+                    insert(_beat).values(
+                        worker_id=self.worker_id,
+                        host=socket.gethostname()[:200],
+                        pid=os.getpid(),
+                        state=state,
+                        started_at=now,
+                        seen_at=now,
+                        steps=self.steps_done,
+                    )
+                )
+            # Forget workers gone for a day; recent ones stay visible as "not seen".
+            conn.execute(delete(_beat).where(_beat.c.seen_at < now - timedelta(days=1)))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.container.settings
+        http = httpx.AsyncClient(timeout=10.0)
+        last_beat = last_balance = 0.0
+        sem_free = s.worker_concurrency
+        outbox_task: asyncio.Task[Any] | None = None
+        log.info("worker %s started", self.worker_id)
+        try:
+            while not stop.is_set():
+                mono = time.monotonic()
+                if mono - last_beat >= s.worker_heartbeat_s:
+                    await asyncio.to_thread(self._beat, "running")
+                    last_beat = mono
+                if not self._acquire_claimer():
+                    await _sleep(stop, 1.0)
+                    continue
+                if mono - last_balance >= s.supplier_balance_check_s:
+                    last_balance = mono
+                    asyncio.create_task(self.check_balances())  # noqa: RUF006
+                if outbox_task is None or outbox_task.done():
+                    outbox_task = asyncio.create_task(outbox.send_due(self.container, http))
+                free = sem_free - len(self._inflight)
+                claimed: list[int] = []
+                if free > 0:
+                    now = self.container.clock()
+                    claimed = await self.container.writer.run_async(
+                        functools.partial(
+                            claim_due,
+                            now=now,
+                            lease_s=s.worker_lease_s,
+                            limit=min(free, s.worker_batch),
+                        )
+                    )
+                for order_id in claimed:
+                    if order_id not in self._inflight:
+                        task = asyncio.create_task(self._step(order_id))
+                        self._inflight[order_id] = task
+                if not claimed or free <= 0:
+                    await _sleep(stop, s.worker_poll_s)
+        finally:
+            await self._drain()
+            if outbox_task is not None:
+                outbox_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await outbox_task
+            await http.aclose()
+            await self.adapters.aclose()
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._beat, "stopped")
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+            log.info("worker %s stopped after %d steps", self.worker_id, self.steps_done)
+
+    async def _drain(self, timeout_s: float = 30.0) -> None:
+        """Graceful stop: let steps in flight finish (their leases cover the rest)."""
+        if self._inflight:
+            log.info("waiting for %d step(s) in flight", len(self._inflight))
+            await asyncio.wait(list(self._inflight.values()), timeout=timeout_s)
+
+    async def _step(self, order_id: int) -> None:
+        started = time.monotonic()
+        label = "error"
+        try:
+            label = await run_step(self.ctx, order_id)
+        except Exception:
+            # The order keeps its lease and comes back; a bug must not stop the worker.
+            log.exception("step failed for order id %s", order_id)
+        finally:
+            self._inflight.pop(order_id, None)
+            self.steps_done += 1
+            STEPS.labels(label).inc()
+            STEP_SECONDS.observe(time.monotonic() - started)
+
+    async def check_balances(self) -> None:
+        def rows(conn: Connection) -> list[Any]:
+            return suppliers.all_suppliers(conn)
+
+        try:
+            for row in await asyncio.to_thread(self._read, rows):
+                if not row.enabled:
+                    continue
+                balance = await self.adapters.get(row).balance()
+                if balance is not None:
+                    await self.container.writer.run_async(
+                        functools.partial(
+                            suppliers.record_balance,
+                            supplier_id=row.id,
+                            balance=balance,
+                            now=self.container.clock(),
+                        )
+                    )
+        except Exception as exc:
+            log.warning("balance check failed: %s", type(exc).__name__)
+
+    def _read(self, fn: Any) -> Any:
+        with self.container.db.connect(write=False) as conn:
+            return fn(conn)
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+def due_count(conn: Connection, *, now: datetime) -> int:
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(_order)
+            .where(_order.c.next_action_at.is_not(None), _order.c.next_action_at <= now)
+        ).scalar_one()
+    )

@@ -1,0 +1,1 @@
+"""Upstream suppliers: the port, its adapters, routing and health."""

@@ -1,0 +1,1 @@
+"""Adapters of the supplier port, one module per protocol."""
