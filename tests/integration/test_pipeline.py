@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from kameng.catalog.models import DeliveryKind
 from tests.conftest import backend_container
 from tests.support import factories
 from tests.support.pipeline import Rig, pipeline_rig, wait_for
+
+from kameng.catalog.models import DeliveryKind
 
 SIM = {
     "balance_cents": 100_000_000,
