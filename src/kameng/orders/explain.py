@@ -36,6 +36,68 @@ REASON_TEXT: dict[str, tuple[str, str]] = {
     ),
     "awaiting_supplier": ("等待上游供货", "Waiting for the supplier"),
     "awaiting_staff": ("等待人工处理", "Waiting for staff to fulfil"),
+    "awaiting_supplier_callback": (
+        "上游已受理，等待上游发货结果（我们也会定时查询）",
+        "The supplier accepted the order; waiting for its result (we also check on it)",
+    ),
+    "upstream_delivered": ("上游已发货", "Delivered by the supplier"),
+    "upstream_partial": (
+        "上游已发部分卡密，等待其余部分；超时未到则退还未发部分",
+        "The supplier delivered part of the order; waiting for the rest (refunded if it does "
+        "not come in time)",
+    ),
+    "upstream_partial_refunded": (
+        "上游只发了部分卡密，已发放这部分，其余金额已退回余额",
+        "The supplier delivered only part; that part is delivered and the rest refunded to balance",
+    ),
+    "upstream_unknown_outcome": (
+        "上游响应异常（超时或出错），正在向上游查询结果，不会重复下单",
+        "The supplier did not answer clearly (timeout or error); we are asking it for the "
+        "result and will not buy twice",
+    ),
+    "upstream_out_of_stock": (
+        "上游缺货，款项已冻结；上游补货或有货源时自动发货，超时自动退款",
+        "The supplier is out of stock; payment is held, it ships automatically when stock "
+        "returns or is refunded when the wait runs out",
+    ),
+    "upstream_unavailable": (
+        "所有上游暂时不可用（维护或故障），稍后自动重试，超时自动退款",
+        "Every supplier is unavailable for now (maintenance or failure); retrying "
+        "automatically, refunded if the wait runs out",
+    ),
+    "upstream_maintenance": (
+        "上游维护中，正在切换其他货源",
+        "Supplier in maintenance; trying another source",
+    ),
+    "upstream_insufficient_balance": (
+        "上游账户余额不足，正在切换其他货源",
+        "Our account at the supplier is low; trying another source",
+    ),
+    "upstream_not_received": (
+        "上游未收到订单，正在切换其他货源",
+        "The supplier never received the order; trying another source",
+    ),
+    "no_supplier": (
+        "暂无可用货源，补货后自动发货，超时自动退款",
+        "No source available; ships on restock or is refunded when the wait runs out",
+    ),
+    "restocked": ("已补货并按排队顺序发货", "Restocked and delivered in queue order"),
+    "sla_expired_refund": (
+        "超过承诺时间仍未发货，款项已自动退回余额",
+        "Not delivered within the promised time; refunded to balance automatically",
+    ),
+    "staff_sla_expired": (
+        "人工处理超时，款项已自动退回余额",
+        "Staff did not deliver in time; refunded to balance automatically",
+    ),
+    "buyer_info_invalid": (
+        "上游认为充值信息有误，请核对后修改或取消（取消即退款）",
+        "The supplier refused the account details; please correct them or cancel for a refund",
+    ),
+    "buyer_action_sla_expired": (
+        "等待您补充信息超时，款项已自动退回余额",
+        "Your correction did not arrive in time; refunded to balance automatically",
+    ),
     "canceled_by_buyer": ("买家取消，款项已退回余额", "Canceled by buyer; refunded to balance"),
     "canceled_by_staff": ("客服取消，款项已退回余额", "Canceled by staff; refunded to balance"),
 }
@@ -49,5 +111,13 @@ def status_text(status: str, language: str) -> str:
 def reason_text(reason: str, language: str) -> str:
     if not reason:
         return ""
-    zh, en = REASON_TEXT.get(reason, (reason, reason))
+    texts = REASON_TEXT.get(reason)
+    if texts is None and reason.startswith("upstream_"):
+        # A supplier's own refusal code we have no sentence for: still say what it means.
+        code = reason.removeprefix("upstream_")
+        texts = (
+            f"上游拒绝（{code}），正在切换其他货源",
+            f"Supplier refused ({code}); trying another source",
+        )
+    zh, en = texts or (reason, reason)
     return en if language == "en" else zh

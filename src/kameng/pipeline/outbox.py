@@ -19,7 +19,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 
 from kameng.container import Container
-from kameng.db import db_time, table
+from kameng.db import table
 from kameng.pipeline.models import OutboxMessage
 from kameng.resellers import service as resellers
 from kameng.security.signing import webhook_signature
@@ -71,7 +71,7 @@ def enqueue_order_update(
 def _claim(conn: Connection, *, now: datetime, limit: int) -> list[Any]:
     stmt = (
         select(_outbox)
-        .where(_outbox.c.state == "pending", _outbox.c.due_at <= db_time(conn, now))
+        .where(_outbox.c.state == "pending", _outbox.c.due_at <= now)
         .order_by(_outbox.c.due_at)
         .limit(limit)
     )

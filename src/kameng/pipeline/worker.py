@@ -142,6 +142,7 @@ class Worker:
         last_beat = last_balance = 0.0
         sem_free = s.worker_concurrency
         outbox_task: asyncio.Task[Any] | None = None
+        balance_task: asyncio.Task[Any] | None = None
         log.info("worker %s started", self.worker_id)
         try:
             while not stop.is_set():
@@ -154,7 +155,8 @@ class Worker:
                     continue
                 if mono - last_balance >= s.supplier_balance_check_s:
                     last_balance = mono
-                    asyncio.create_task(self.check_balances())  # noqa: RUF006
+                    if balance_task is None or balance_task.done():
+                        balance_task = asyncio.create_task(self.check_balances())
                 if outbox_task is None or outbox_task.done():
                     outbox_task = asyncio.create_task(outbox.send_due(self.container, http))
                 free = sem_free - len(self._inflight)
@@ -177,10 +179,11 @@ class Worker:
                     await _sleep(stop, s.worker_poll_s)
         finally:
             await self._drain()
-            if outbox_task is not None:
-                outbox_task.cancel()
-                with contextlib.suppress(BaseException):
-                    await outbox_task
+            for side_task in (outbox_task, balance_task):
+                if side_task is not None:
+                    side_task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await side_task
             await http.aclose()
             await self.adapters.aclose()
             with contextlib.suppress(Exception):

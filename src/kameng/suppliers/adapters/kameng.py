@@ -46,7 +46,7 @@ def _order_result(data: dict[str, Any]) -> Result:
             return Result(Outcome.unknown, detail="malformed key list", trade_no=trade_no)
         return Result(Outcome.delivered, keys=keys, trade_no=trade_no)
     if status in _FAILED:
-        return Result(Outcome.rejected, reason=f"upstream_{status}", trade_no=trade_no)
+        return Result(Outcome.rejected, reason=f"order_{status}", trade_no=trade_no)
     if not status:
         return Result(Outcome.unknown, detail="no status")
     return Result(Outcome.accepted, trade_no=trade_no, reason=str(data.get("reason") or ""))
