@@ -316,3 +316,15 @@ def pipelined(conn: Connection) -> Iterator[None]:
     assert raw is not None
     with raw.pipeline():
         yield
+
+
+# Wakes pipeline workers on PostgreSQL the moment an order becomes due (LISTEN/NOTIFY), so a
+# freshly paid order is picked up in milliseconds instead of at the next poll. Delivered only
+# when the transaction commits, which is exactly when the order is really due.
+DUE_CHANNEL = "kameng_due"
+_NOTIFY_DUE = f"NOTIFY {DUE_CHANNEL}"
+
+
+def notify_due(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        RawSQL(_NOTIFY_DUE).run(conn, {}).close()

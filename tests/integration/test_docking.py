@@ -332,11 +332,16 @@ def test_b_out_of_stock_then_restocked_reaches_a_by_webhook(backend: str, tmp_pa
 
 
 class LosingProxy:
-    """A loopback hop between A and B that forwards everything, but answers A's first order
-    placement only after A has given up: B did the work, A never heard."""
+    """A loopback hop between A and B that forwards everything except A's first order
+    placement, which it loses one of two ways:
 
-    def __init__(self, target: str, *, late_s: float) -> None:
+    * `answer`: forwarded, but answered only after A has given up (B bought, A never heard);
+    * `request`: never forwarded, answered 502 (B never heard of it).
+    """
+
+    def __init__(self, target: str, *, lose: str, late_s: float = 3.0) -> None:
         self.target = target
+        self.lose = lose
         self.late_s = late_s
         self.lost: list[str] = []
 
@@ -364,10 +369,16 @@ class LosingProxy:
             for k, v in scope["headers"]
             if k.lower() not in (b"host", b"content-length", b"connection")
         ]
+        losing = scope["method"] == "POST" and scope["path"] == "/api/v1/orders" and not self.lost
+        if losing:
+            self.lost.append(json.loads(body)["customer_ref"])
+            if self.lose == "request":
+                await send({"type": "http.response.start", "status": 502, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
         async with httpx.AsyncClient(base_url=self.target, timeout=10, trust_env=False) as c:
             resp = await c.request(scope["method"], path, content=body, headers=headers)
-        if scope["method"] == "POST" and scope["path"] == "/api/v1/orders" and not self.lost:
-            self.lost.append(json.loads(body)["customer_ref"])
+        if losing:
             await asyncio.sleep(self.late_s)
         await send(
             {
@@ -382,13 +393,16 @@ class LosingProxy:
         await send({"type": "http.response.body", "body": resp.content})
 
 
-def test_a_lost_purchase_answer_is_resolved_by_query_not_by_buying_again(
-    backend: str, tmp_path: Path
+@pytest.mark.parametrize("lose", ["answer", "request"])
+def test_a_lost_purchase_is_resolved_by_query_never_bought_twice(
+    backend: str, tmp_path: Path, lose: str
 ) -> None:
+    """`answer`: the query finds B's order and A takes its keys. `request`: the query finds
+    nothing, so A re-sends under the same number (B deduplicates on it) and B sells once."""
     # The proxy needs B's URL and A's supplier row needs the proxy's: start the proxy on a
     # port of its own first, pointing at a port picked for B.
     b_port = factories.free_port()
-    proxy = LosingProxy(f"http://127.0.0.1:{b_port}", late_s=3.0)
+    proxy = LosingProxy(f"http://127.0.0.1:{b_port}", lose=lose)
     with ServerThread(proxy) as hop:
         hop.start()
         with docked(
@@ -415,7 +429,8 @@ def test_a_lost_purchase_answer_is_resolved_by_query_not_by_buying_again(
                 n=no,
             )
             assert [(r.state, r.trade_no) for r in proc] == [("delivered", at_b["order_no"])]
-            assert proc[0].attempts >= 1
+            # `attempts` counts unknown outcomes, plus one per re-send after "not found".
+            assert proc[0].attempts == (1 if lose == "answer" else 2), proc
             assert d.b_order_count() == 1
             assert d.a_balance_at_b() == 100_000 - 2 * B_PRICE
             d.books_clean()

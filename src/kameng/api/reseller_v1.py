@@ -41,6 +41,7 @@ from kameng.money import format_cents
 from kameng.orders import service as orders
 from kameng.orders.numbers import normalize_order_no
 from kameng.orders.state import Status
+from kameng.pipeline.wakeup import DOORBELL
 from kameng.pricing import service as pricing
 from kameng.resellers.service import Caller
 
@@ -201,6 +202,8 @@ async def create_order(request: Request) -> Any:
     with container.inflight.hold(req.api_key, key):
         body, keys, sku_id, replayed = await run_signed_async(container, req, handler)
     # Committed. Only now do plaintext keys exist, and only in this response.
+    if body.get("stage") == "procuring" and not replayed:
+        DOORBELL.ring()  # an embedded worker picks it up now rather than at its next poll
     if keys:
         body = {**body, "keys": render.decrypt_all(container, sku_id, keys)}
     headers = {"Idempotent-Replayed": "true"} if replayed else None

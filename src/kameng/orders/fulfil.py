@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind, Product, Sku
-from kameng.db import db_time, table
+from kameng.db import db_time, notify_due, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.inventory.models import KeyState
@@ -284,8 +284,11 @@ def nudge_backorders(conn: Connection, *, sku_ids: list[int], now: datetime) -> 
     (the worker then serves them oldest first)."""
     if not sku_ids:
         return 0
-    return conn.execute(
+    nudged = conn.execute(
         update(_order)
         .where(_order.c.status == Status.backordered.value, _order.c.sku_id.in_(sku_ids))
         .values(next_action_at=now)
     ).rowcount
+    if nudged:
+        notify_due(conn)
+    return nudged

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind
 from kameng.catalog.service import SkuInfo
-from kameng.db import MultiInsert, RawSQL, db_time, pipelined, table
+from kameng.db import MultiInsert, RawSQL, db_time, notify_due, pipelined, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
@@ -333,6 +333,7 @@ def place_order(
                 if sku.delivery_kind != DeliveryKind.manual.value:
                     stage, reason = Stage.procuring, "awaiting_supplier"
                     next_action_at = now
+                    notify_due(conn)
                 else:
                     stage, reason = Stage.staff_processing, "awaiting_staff"
                     next_action_at = sla_deadline

@@ -15,11 +15,11 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from kameng.container import Container
-from kameng.db import table
+from kameng.db import notify_due, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.orders import fulfil
 from kameng.orders.state import Stage, Status
-from kameng.pipeline import apply
+from kameng.pipeline import apply, wakeup
 from kameng.pipeline.apply import Timing
 from kameng.pipeline.metrics import CALLBACKS
 from kameng.pipeline.registry import Adapters
@@ -68,6 +68,7 @@ def _apply(conn: Connection, container: Container, supplier: Any, event: Callbac
                 and loaded.order.stage != Stage.staff_processing.value
             ):
                 fulfil.reschedule(conn, order=loaded.order, next_action_at=now)
+                notify_due(conn)
         return "nudged"
     s = container.settings
     return apply.apply_result(
@@ -125,4 +126,6 @@ async def receive(
             if exc.code is not ErrorCode.concurrent_update or attempt == 2:
                 raise
     CALLBACKS.labels(outcome).inc()
+    if outcome == "nudged":
+        wakeup.DOORBELL.ring()
     return Answer(200, {"status": "ok", "outcome": outcome})

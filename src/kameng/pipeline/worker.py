@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection
 from kameng.container import Container
 from kameng.db import RawSQL, db_time, table
 from kameng.orders.models import Order
-from kameng.pipeline import outbox
+from kameng.pipeline import outbox, wakeup
 from kameng.pipeline.apply import Timing
 from kameng.pipeline.metrics import STEP_SECONDS, STEPS
 from kameng.pipeline.models import WorkerHeartbeat
@@ -75,6 +75,7 @@ class Worker:
     steps_done: int = 0
     _inflight: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
     _lock_file: IO[bytes] | None = None
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         s = self.container.settings
@@ -144,6 +145,21 @@ class Worker:
         outbox_task: asyncio.Task[Any] | None = None
         balance_task: asyncio.Task[Any] | None = None
         log.info("worker %s started", self.worker_id)
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def ring() -> None:
+            loop.call_soon_threadsafe(wake.set)
+
+        wakeup.DOORBELL.subscribe(ring)
+        self._wake = wake
+        listener: asyncio.Task[Any] | None = None
+        if not self.container.db.is_sqlite:
+            listener = asyncio.create_task(
+                wakeup.listen(
+                    wakeup.libpq_dsn(self.container.settings.resolved_database_url), wake, stop
+                )
+            )
         try:
             while not stop.is_set():
                 mono = time.monotonic()
@@ -176,8 +192,13 @@ class Worker:
                         task = asyncio.create_task(self._step(order_id))
                         self._inflight[order_id] = task
                 if not claimed or free <= 0:
-                    await _sleep(stop, s.worker_poll_s)
+                    await _wait(stop, wake, s.worker_poll_s)
         finally:
+            wakeup.DOORBELL.unsubscribe(ring)
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(BaseException):
+                    await listener
             await self._drain()
             for side_task in (outbox_task, balance_task):
                 if side_task is not None:
@@ -209,6 +230,8 @@ class Worker:
             log.exception("step failed for order id %s", order_id)
         finally:
             self._inflight.pop(order_id, None)
+            # A step may have made this or another order due now (next offer, freed slot).
+            self._wake.set()
             self.steps_done += 1
             STEPS.labels(label).inc()
             STEP_SECONDS.observe(time.monotonic() - started)
@@ -237,6 +260,16 @@ class Worker:
     def _read(self, fn: Any) -> Any:
         with self.container.db.connect(write=False) as conn:
             return fn(conn)
+
+
+async def _wait(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
+    """Until stopped, rung, or `seconds` pass; then ready for the next ring."""
+    if not wake.is_set():
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+    wake.clear()
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
