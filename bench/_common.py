@@ -56,10 +56,21 @@ class Server:
             self.proc.kill()
 
 
-def start_server(env: dict[str, str], port: int, workers: int) -> Server:
+def start_server(
+    env: dict[str, str], port: int, workers: int, *, pipeline_worker: bool = False
+) -> Server:
+    """Web processes; with `pipeline_worker` each also runs an embedded pipeline worker."""
     kameng = Path(sys.executable).with_name("kameng")
     proc = subprocess.Popen(
-        [str(kameng), "serve", "--port", str(port), "--workers", str(workers)],
+        [
+            str(kameng),
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--worker" if pipeline_worker else "--no-worker",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
