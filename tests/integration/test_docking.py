@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,10 @@ A_PRICE = 1_500  # what A charges its buyer per key
 SUPPLIER = "siteb"
 # B's rows about the order it holds for A's order number :n.
 OF_A_ORDER = "order_id IN (SELECT id FROM orders WHERE customer_ref = :n)"
+
+# A's first poll of an accepted purchase after 60 s, later ones at least 30 s apart: anything
+# A learns sooner came through B's webhook.
+SLOW_POLLS = {"supplier_poll_s": 60, "supplier_retry_cap_s": 120}
 
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
@@ -83,6 +88,11 @@ class Docked:
         self.a_as_reseller_at_b = ResellerClient(
             self.b.url, self.a_at_b.api_key, self.a_at_b.api_secret
         )
+
+    def close(self) -> None:
+        # Keep-alive connections would hold each server's graceful shutdown for its full second.
+        self.buyer_at_a.http.close()
+        self.a_as_reseller_at_b.http.close()
 
     # -- acting as A's buyer -----------------------------------------------------------------
     def order_at_a(self, quantity: int = 1) -> dict[str, Any]:
@@ -221,7 +231,7 @@ def docked(
             for site in (b, a):
                 thread = WorkerThread(site.container).start()
                 stack.callback(thread.stop)
-        yield Docked(
+        pair = Docked(
             a=a,
             b=b,
             a_sku=a_sku,
@@ -230,6 +240,8 @@ def docked(
             buyer=buyer,
             callback_url=f"{a.url}/api/v1/callbacks/suppliers/{SUPPLIER}",
         )
+        stack.callback(pair.close)
+        yield pair
 
 
 # -- 1. happy path --------------------------------------------------------------------------------
@@ -267,10 +279,8 @@ def test_a_buys_from_b_and_delivers_b_keys(backend: str, tmp_path: Path) -> None
 
 
 def test_b_out_of_stock_then_restocked_reaches_a_by_webhook(backend: str, tmp_path: Path) -> None:
-    # A polls B only after 60 s (and never sooner than 30 s after that): a delivery within a
-    # few seconds of the restock can only come from B's webhook.
-    slow_polls = {"supplier_poll_s": 60, "supplier_retry_cap_s": 120}
-    with docked(backend, tmp_path, b_stock=0, a_settings=slow_polls) as d:
+    # With SLOW_POLLS, a delivery within seconds of the restock can only come from B's webhook.
+    with docked(backend, tmp_path, b_stock=0, a_settings=SLOW_POLLS) as d:
         placed = d.order_at_a(quantity=2)
         no = placed["order_no"]
 
@@ -292,14 +302,17 @@ def test_b_out_of_stock_then_restocked_reaches_a_by_webhook(backend: str, tmp_pa
         assert [(r.state, r.trade_no) for r in proc] == [("accepted", at_b["order_no"])]
         assert d.a.sql("SELECT event_id FROM supplier_events") == []
 
+        # A will not look at B again on its own for a long while.
+        next_poll = datetime.fromisoformat(at_a["next_action_at"])
+        assert next_poll - datetime.now(UTC) > timedelta(seconds=25), at_a["next_action_at"]
+
         # B restocks; B's worker serves its backorder and tells A.
-        restocked_at = time.monotonic()
         factories.add_stock(
             d.b.container, d.b_sku, [f"RESTOCK-{i}-{secrets.token_hex(4)}" for i in range(3)]
         )
         d.wait_a(no, {"delivered"}, timeout=20)
-        took = time.monotonic() - restocked_at
-        assert took < 25, f"delivered after {took:.1f}s: that was a poll, not the webhook"
+        delivered_at = datetime.fromisoformat(d.get_at_a(no)["delivered_at"])
+        assert delivered_at < next_poll, "A learnt it from a scheduled poll, not from B"
 
         at_b = d.the_b_order_for(no)  # still exactly one purchase at B
         at_a = d.get_at_a(no)
@@ -402,7 +415,7 @@ def test_a_lost_purchase_is_resolved_by_query_never_bought_twice(
     # The proxy needs B's URL and A's supplier row needs the proxy's: start the proxy on a
     # port of its own first, pointing at a port picked for B.
     b_port = factories.free_port()
-    proxy = LosingProxy(f"http://127.0.0.1:{b_port}", lose=lose)
+    proxy = LosingProxy(f"http://127.0.0.1:{b_port}", lose=lose, late_s=2.5)
     with ServerThread(proxy) as hop:
         hop.start()
         with docked(
@@ -429,8 +442,9 @@ def test_a_lost_purchase_is_resolved_by_query_never_bought_twice(
                 n=no,
             )
             assert [(r.state, r.trade_no) for r in proc] == [("delivered", at_b["order_no"])]
-            # `attempts` counts unknown outcomes, plus one per re-send after "not found".
-            assert proc[0].attempts == (1 if lose == "answer" else 2), proc
+            # `attempts`: the first send, +1 per unknown outcome, +1 per re-send (so at least
+            # 2 when the answer was lost, 3 when the request was lost and sent again).
+            assert proc[0].attempts >= (2 if lose == "answer" else 3), proc
             assert d.b_order_count() == 1
             assert d.a_balance_at_b() == 100_000 - 2 * B_PRICE
             d.books_clean()
@@ -486,7 +500,7 @@ def test_adapter_purchase_retried_under_the_same_number_is_one_order(
 
 
 def test_forged_webhooks_to_a_change_nothing(backend: str, tmp_path: Path) -> None:
-    with docked(backend, tmp_path, b_stock=0) as d:
+    with docked(backend, tmp_path, b_stock=0, a_settings=SLOW_POLLS) as d:
         placed = d.order_at_a(quantity=1)
         no = placed["order_no"]
         wait_for(
@@ -496,13 +510,17 @@ def test_forged_webhooks_to_a_change_nothing(backend: str, tmp_path: Path) -> No
         )
         b_no = d.the_b_order_for(no)["order_no"]
 
+        def version_of(order_no: str) -> int:
+            rows = d.a.sql("SELECT version FROM orders WHERE order_no = :n", n=order_no)
+            return int(rows[0][0])
+
         def snapshot() -> tuple[Any, ...]:
             order = d.a.sql(
                 "SELECT status, stage, reason, version FROM orders WHERE order_no = :n", n=no
             )
             procs = d.a.sql("SELECT state, keys_received FROM procurements")
             events = d.a.sql("SELECT count(*) FROM supplier_events")
-            return (*order, *procs, *events)
+            return tuple(tuple(r) for r in (*order, *procs, *events))
 
         payload = {
             "event_id": "evt_" + secrets.token_hex(8),
@@ -528,7 +546,7 @@ def test_forged_webhooks_to_a_change_nothing(backend: str, tmp_path: Path) -> No
             )
 
         # Wrong secret, no signature, a stale one, a tampered body: 401, nothing changes.
-        before = snapshot()
+        before, version = snapshot(), version_of(no)
         refused = [
             post(webhook_header("not-" + d.a_at_b.api_secret, now, body)),
             post(webhook_header(d.buyer.api_secret, now, body)),
@@ -542,8 +560,7 @@ def test_forged_webhooks_to_a_change_nothing(backend: str, tmp_path: Path) -> No
         # A supplier A does not have at all: 404, nothing changes.
         ghost = post(webhook_header(d.a_at_b.api_secret, now, body), code="nosuch")
         assert ghost.status_code == 404
-        time.sleep(0.3)
-        assert snapshot() == before
+        assert snapshot() == before  # (A's own polls are a minute apart here)
         assert d.a_status(no) == "fulfilling"
 
         # Even correctly signed, a webhook is only a nudge: A asks B, B says "still waiting",
@@ -556,7 +573,9 @@ def test_forged_webhooks_to_a_change_nothing(backend: str, tmp_path: Path) -> No
         raw = json.dumps(other).encode()
         unknown = post(webhook_header(d.a_at_b.api_secret, now, raw), raw=raw)
         assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_order"
-        time.sleep(1.0)
+        # The nudge made the order due now (version +1), A's worker asked B and rescheduled
+        # it (+1 again): only then is there anything to look at.
+        wait_for(lambda: version_of(no) >= version + 2, 10, lambda: f"{version_of(no)}")
         at_a = d.get_at_a(no)
         assert at_a["status"] == "fulfilling" and at_a["keys"] is None
         assert d.a.sql("SELECT count(*) FROM supplier_events")[0][0] == 1

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-
-from kameng.catalog.models import DeliveryKind
-from kameng.suppliers.simulator.runner import start_simulator
 from tests.conftest import backend_container
 from tests.support import factories
 from tests.support.pipeline import Rig, pipeline_rig, wait_for
+
+from kameng.catalog.models import DeliveryKind
+from kameng.suppliers.simulator.runner import start_simulator
 
 pytestmark = [pytest.mark.pg]
 
