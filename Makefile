@@ -29,10 +29,12 @@ run: demo
 	@echo "  Reseller API docs         http://127.0.0.1:8000/api/v1/docs"
 	@echo "  OpenAPI                   http://127.0.0.1:8000/api/v1/openapi.json"
 	@echo "  health / metrics          http://127.0.0.1:8000/healthz  /metrics"
+	@echo "  demo supplier (simulator) http://127.0.0.1:8701/_sim/state"
 	@echo "  demo reseller: the api_key / api_secret printed above"
 	@echo "  buy a key from another terminal:  $(BIN)/python examples/buy.py STEAM-50"
+	@echo "  a top-up procured upstream:       $(BIN)/python examples/buy.py PHONE-50 1 phone=13800138000"
 	@echo
-	$(BIN)/kameng serve
+	$(BIN)/kameng serve --demo-supplier
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples

@@ -1,12 +1,16 @@
 """`kameng demo`: a small, realistic catalog with stock and a funded demo reseller.
 
 Safe to run again: existing products are kept, stock is topped up to the requested level, and
-the demo reseller gets a fresh key (a secret can only be shown when it is issued).
+the demo reseller gets a fresh key (a secret can only be shown when it is issued). A bundled
+supplier simulator is connected behind the top-ups and, when own stock runs out, the card keys;
+`kameng serve --demo-supplier` runs it.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -20,6 +24,7 @@ from kameng.ledger import service as ledger
 from kameng.resellers import service as resellers
 from kameng.resellers.models import Reseller
 from kameng.resellers.service import IssuedCredential
+from kameng.suppliers import service as suppliers
 
 DEMO_RESELLER = "demo"
 DEMO_BALANCE_CENTS = 1_000_000  # ¥10,000.00
@@ -83,6 +88,107 @@ PRODUCTS: list[dict[str, Any]] = [
 ]
 
 
+DEMO_SUPPLIER = "demo-sim"
+DEMO_SUPPLIER_PORT = 8701
+DEMO_MERCHANT = ("demo-merchant", "demo-merchant-secret")  # the simulator's published demo pair
+# The bundled simulator behind the demo: top-ups are always procured upstream (one by callback,
+# one answered at once), and card keys fall back to it when our own stock runs out. Latencies
+# are real enough to watch an order move through its stages.
+DEMO_SUPPLIER_CONFIG: dict[str, Any] = {
+    "balance_cents": 50_000_000,
+    "skus": [
+        {
+            "sku": "SIM-PHONE-50",
+            "name": "话费 50",
+            "kind": "direct_topup",
+            "price_cents": 4900,
+            "required_fields": ["phone"],
+            "mode": "callback",
+            "callback_delay_ms": 1500,
+            "latency_ms": {"dist": "uniform", "min": 150, "max": 600},
+        },
+        {
+            "sku": "SIM-PHONE-100",
+            "name": "话费 100",
+            "kind": "direct_topup",
+            "price_cents": 9800,
+            "required_fields": ["phone"],
+            "latency_ms": {"dist": "uniform", "min": 300, "max": 900},
+        },
+        {
+            "sku": "SIM-STEAM-50",
+            "name": "Steam 50",
+            "kind": "card_key",
+            "price_cents": 4750,
+            "stock": 50,
+            "restock": {"every_s": 60, "amount": 10},
+            "latency_ms": {"dist": "lognormal", "p50": 250, "p99": 1200},
+        },
+        {
+            "sku": "SIM-STEAM-100",
+            "name": "Steam 100",
+            "kind": "card_key",
+            "price_cents": 9450,
+            "mode": "callback",
+            "callback_delay_ms": 2000,
+        },
+        {
+            "sku": "SIM-NETEASE-30",
+            "name": "网易 30",
+            "kind": "card_key",
+            "price_cents": 2800,
+            "stock": 5,
+            "restock": {"every_s": 120, "amount": 5},
+        },
+    ],
+}
+DEMO_OFFERS = [
+    ("PHONE-50", "SIM-PHONE-50", 4900),
+    ("PHONE-100", "SIM-PHONE-100", 9800),
+    ("STEAM-50", "SIM-STEAM-50", 4750),
+    ("STEAM-100", "SIM-STEAM-100", 9450),
+    ("NETEASE-30", "SIM-NETEASE-30", 2800),
+]
+
+
+def demo_supplier_config_path(container: Container) -> Path:
+    return Path(container.settings.data_dir) / "demo-supplier.json"
+
+
+def seed_supplier(container: Container) -> None:
+    """Connect the demo simulator as a supplier and offer it behind the demo SKUs."""
+    path = demo_supplier_config_path(container)
+    path.write_text(json.dumps(DEMO_SUPPLIER_CONFIG, ensure_ascii=False, indent=2))
+    now = container.clock()
+    with container.db.connect() as conn:
+        existing = {row.code: row for row in suppliers.all_suppliers(conn)}
+        if DEMO_SUPPLIER in existing:
+            supplier_id = existing[DEMO_SUPPLIER].id
+        else:
+            supplier_id = suppliers.create_supplier(
+                conn,
+                container.vault,
+                code=DEMO_SUPPLIER,
+                name="演示上游 (simulator)",
+                adapter="simulator",
+                base_url=f"http://127.0.0.1:{DEMO_SUPPLIER_PORT}",
+                api_key=DEMO_MERCHANT[0],
+                secret=DEMO_MERCHANT[1],
+                timeout_ms=5000,
+                now=now,
+            )
+        for ours, theirs, cost in DEMO_OFFERS:
+            suppliers.add_offer(
+                conn,
+                sku_id=container.sku(ours, conn=conn).id,
+                supplier_id=supplier_id,
+                supplier_sku=theirs,
+                cost_cents=cost,
+                now=now,
+            )
+    container.invalidate_caches()
+
+
 def seed(container: Container, *, keys_per_sku: int = 200) -> IssuedCredential:
     container.bootstrap()
     with container.db.unit_of_work() as session:
@@ -129,6 +235,7 @@ def seed(container: Container, *, keys_per_sku: int = 200) -> IssuedCredential:
                     unit_cost_cents=sku.cost_cents,
                     actor="system:demo",
                 )
+    seed_supplier(container)
     with container.db.unit_of_work() as session:
         exists = session.scalar(select(Reseller.id).where(Reseller.name == DEMO_RESELLER))
         if exists:

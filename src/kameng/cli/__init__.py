@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -62,6 +62,9 @@ def serve(
     worker: Annotated[
         bool, typer.Option(help="Run the pipeline worker in the same process (embedded)")
     ] = True,
+    demo_supplier: Annotated[
+        bool, typer.Option(help="Also run the demo supplier simulator (set up by `kameng demo`)")
+    ] = False,
 ) -> None:
     """Run the platform: web + API and (by default) one pipeline worker in the same process.
     Processes share SQLite safely through a file lock; one of them claims due orders."""
@@ -71,6 +74,8 @@ def serve(
 
     os.environ["KAMENG_EMBEDDED_WORKER"] = "1" if worker else "0"
     settings = get_settings()
+    if demo_supplier:
+        _start_demo_supplier(settings)
     uvicorn.run(
         "kameng.asgi:app",
         host=host or settings.host,
@@ -81,6 +86,23 @@ def serve(
         loop="auto",
         http="auto",
     )
+
+
+def _start_demo_supplier(settings: Any) -> None:
+    from kameng.demo import DEMO_MERCHANT, DEMO_SUPPLIER_PORT
+    from kameng.suppliers.simulator.app import create_app as create_sim
+    from kameng.suppliers.simulator.config import load_config
+    from kameng.suppliers.simulator.runner import ServerThread
+
+    path = settings.data_dir / "demo-supplier.json"
+    if not path.exists():
+        err_console.print("no demo supplier configured: run `kameng demo` first")
+        raise typer.Exit(2)
+    sim = create_sim(
+        load_config(path), merchant_key=DEMO_MERCHANT[0], merchant_secret=DEMO_MERCHANT[1]
+    )
+    server = ServerThread(sim, port=DEMO_SUPPLIER_PORT).start()
+    console.print(f"demo supplier simulator on {server.url} (control API: {server.url}/_sim/state)")
 
 
 @app.command()
