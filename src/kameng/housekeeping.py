@@ -1,5 +1,6 @@
 """Periodic clean-up of data whose job is done: expired nonces, old idempotency records.
 
+Supplier callback event ids and sent notifications are kept a week.
 Nonces only need remembering for twice the signature window (a replay outside the window is
 refused by its timestamp anyway); idempotency records are kept for 7 days, well past any
 client's retry horizon.
@@ -13,9 +14,14 @@ from datetime import timedelta
 
 from kameng.container import Container
 from kameng.idempotency import service as idem
+from kameng.pipeline import outbox
 from kameng.resellers import service as resellers
+from kameng.suppliers import service as suppliers
 
 IDEMPOTENCY_RETENTION = timedelta(days=7)
+# Suppliers retry callbacks for hours, not weeks: a week of event ids is plenty to drop
+# duplicates, and sent notifications are kept as long for support questions.
+EVENT_RETENTION = timedelta(days=7)
 INTERVAL_S = 60.0
 log = logging.getLogger("kameng.housekeeping")
 
@@ -25,7 +31,14 @@ def prune(container: Container) -> dict[str, int]:
     with container.db.connect() as conn:
         nonces = resellers.prune_nonces(conn, now=now)
         records = idem.prune(conn, older_than=now - IDEMPOTENCY_RETENTION)
-    return {"nonces": nonces, "idempotency_records": records}
+        events = suppliers.prune_events(conn, older_than=now - EVENT_RETENTION)
+        sent = outbox.prune_sent(conn, older_than=now - EVENT_RETENTION)
+    return {
+        "nonces": nonces,
+        "idempotency_records": records,
+        "supplier_events": events,
+        "outbox_sent": sent,
+    }
 
 
 async def run_forever(container: Container, interval_s: float = INTERVAL_S) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind, Product, Sku
@@ -279,11 +279,21 @@ def reschedule(conn: Connection, *, order: Any, next_action_at: datetime) -> Non
         raise KamengError(ErrorCode.concurrent_update)
 
 
+def lock_backorder_queue(conn: Connection, *, sku_id: int) -> None:
+    """Everything that touches a SKU's whole queue (serving it oldest first, nudging it) takes
+    this per-SKU lock first, so two transactions never lock the same orders in different
+    orders (a deadlock) on PostgreSQL. SQLite has one writer and needs nothing."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": 0x6B6D, "b": int(sku_id)})
+
+
 def nudge_backorders(conn: Connection, *, sku_ids: list[int], now: datetime) -> int:
     """Stock arrived or a supplier recovered: make the orders waiting for these SKUs due now
     (the worker then serves them oldest first)."""
     if not sku_ids:
         return 0
+    for sku_id in sorted(sku_ids):
+        lock_backorder_queue(conn, sku_id=sku_id)
     nudged = conn.execute(
         update(_order)
         .where(_order.c.status == Status.backordered.value, _order.c.sku_id.in_(sku_ids))

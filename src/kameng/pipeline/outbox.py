@@ -164,3 +164,11 @@ def pending_count(conn: Connection) -> int:
             select(func.count()).select_from(_outbox).where(_outbox.c.state == "pending")
         ).scalar_one()
     )
+
+
+def prune_sent(conn: Connection, *, older_than: datetime) -> int:
+    from sqlalchemy import delete
+
+    return conn.execute(
+        delete(_outbox).where(_outbox.c.state == "sent", _outbox.c.sent_at < older_than)
+    ).rowcount

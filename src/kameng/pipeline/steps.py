@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind
@@ -72,13 +72,6 @@ class StepContext:
     lease_s: int = 120
 
 
-def _lock_backorder_queue(conn: Connection, sku_id: int) -> None:
-    """Serving a SKU's queue locks its orders oldest first; taking this per-SKU lock before any
-    of them keeps two workers from locking the same queue in different orders (deadlock)."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": 0x6B6D, "b": int(sku_id)})
-
-
 def _round_start(conn: Connection, order: Any) -> datetime:
     """Offers refused since the order last came out of the backorder queue are not retried in
     this round; a new round (after waiting) tries everyone again."""
@@ -112,7 +105,7 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
     if peek is None:
         return Plan("done", "missing")
     if peek.status == Status.backordered.value:
-        _lock_backorder_queue(conn, peek.sku_id)
+        fulfil.lock_backorder_queue(conn, sku_id=peek.sku_id)
     loaded = fulfil.load(conn, order_id=order_id)
     if loaded is None or loaded.line is None:
         return Plan("done", "missing")

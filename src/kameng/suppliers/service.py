@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from kameng.db import db_time, is_unique_violation, savepoint, table
@@ -342,6 +342,10 @@ def remember_event(
             return False
         raise
     return True
+
+
+def prune_events(conn: Connection, *, older_than: datetime) -> int:
+    return conn.execute(delete(_event).where(_event.c.received_at < older_than)).rowcount
 
 
 # -- circuit breaker ------------------------------------------------------------------------------
