@@ -87,7 +87,18 @@ class TransactionRunner:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._run_batch(batch)
+            # A caller that gave up (its task was cancelled) cancelled its future: skip its
+            # job. Once marked running, a future can no longer be cancelled under us.
+            batch = [(job, f) for job, f in batch if f.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception:  # the writer thread must outlive any one batch
+                log.exception("writer batch failed")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(RuntimeError("write batch failed"))
 
     def _run_batch(self, batch: list[tuple[Job, Future[Any]]]) -> None:
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []

@@ -90,7 +90,7 @@ class Docked:
         )
 
     def close(self) -> None:
-        # Keep-alive connections would hold each server's graceful shutdown for its full second.
+        # Idle keep-alive connections would hold up each server's graceful shutdown.
         self.buyer_at_a.http.close()
         self.a_as_reseller_at_b.http.close()
 
@@ -267,7 +267,7 @@ def test_a_buys_from_b_and_delivers_b_keys(backend: str, tmp_path: Path) -> None
             seen |= key_set(at_a["keys"])
             assert at_a["timeline"][-1]["reason"] == "upstream_delivered"
         assert d.b_order_count() == 2
-        # A paid B exactly once per order; B has 2 keys left, A none (it keeps no stock).
+        # A paid B once per order, its buyer paid A once per order.
         assert d.a_balance_at_b() == 100_000 - 3 * B_PRICE
         assert factories.wallet_balance(d.a.container, d.buyer.reseller_id)[0] == (
             100_000 - 3 * A_PRICE
@@ -357,6 +357,7 @@ class LosingProxy:
         self.lose = lose
         self.late_s = late_s
         self.lost: list[str] = []
+        self.placements: list[str] = []  # customer_ref of every order placement A sent
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -382,9 +383,12 @@ class LosingProxy:
             for k, v in scope["headers"]
             if k.lower() not in (b"host", b"content-length", b"connection")
         ]
-        losing = scope["method"] == "POST" and scope["path"] == "/api/v1/orders" and not self.lost
+        placing = scope["method"] == "POST" and scope["path"] == "/api/v1/orders"
+        if placing:
+            self.placements.append(json.loads(body)["customer_ref"])
+        losing = placing and not self.lost
         if losing:
-            self.lost.append(json.loads(body)["customer_ref"])
+            self.lost.append(self.placements[-1])
             if self.lose == "request":
                 await send({"type": "http.response.start", "status": 502, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
@@ -445,6 +449,9 @@ def test_a_lost_purchase_is_resolved_by_query_never_bought_twice(
             # `attempts`: the first send, +1 per unknown outcome, +1 per re-send (so at least
             # 2 when the answer was lost, 3 when the request was lost and sent again).
             assert proc[0].attempts >= (2 if lose == "answer" else 3), proc
+            # On the wire: after a lost answer A only asked; after a lost request it sent the
+            # same order once more.
+            assert proxy.placements == ([no] if lose == "answer" else [no, no])
             assert d.b_order_count() == 1
             assert d.a_balance_at_b() == 100_000 - 2 * B_PRICE
             d.books_clean()

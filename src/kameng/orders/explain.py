@@ -40,6 +40,11 @@ REASON_TEXT: dict[str, tuple[str, str]] = {
         "上游已受理，等待上游发货结果（我们也会定时查询）",
         "The supplier accepted the order; waiting for its result (we also check on it)",
     ),
+    "upstream_backordered": (
+        "上游暂时缺货，已在上游排队，上游补货后自动发货；超时自动退款",
+        "The supplier is out of stock and has queued the order; it ships when they restock, "
+        "or is refunded when the wait runs out",
+    ),
     "upstream_delivered": ("上游已发货", "Delivered by the supplier"),
     "upstream_partial": (
         "上游已发部分卡密，等待其余部分；超时未到则退还未发部分",

@@ -264,8 +264,15 @@ def apply_result(
                 conn, procurement_id=proc.id, state=ProcurementState.accepted, now=now, **extra
             )
         _feed_breaker(conn, supplier_id=proc.supplier_id, ok=True, now=now)
+        # The supplier took the order but says why it is not done yet (a kameng site that is
+        # itself out of stock): the buyer should read that, not just "accepted".
+        accepted_reason = (
+            "upstream_backordered"
+            if result.reason == "out_of_stock"
+            else "awaiting_supplier_callback"
+        )
         waiting = order.stage == Stage.awaiting_supplier.value and order.reason in (
-            "awaiting_supplier_callback",
+            accepted_reason,
             "upstream_partial",
         )
         next_at = cap_at_deadline(
@@ -285,7 +292,7 @@ def apply_result(
                 loaded=loaded,
                 to_status=Status.fulfilling,
                 stage=Stage.awaiting_supplier,
-                reason="awaiting_supplier_callback",
+                reason=accepted_reason,
                 now=now,
                 next_action_at=next_at,
                 details={"supplier": supplier_code},

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
-from kameng.db import db_time, is_unique_violation, savepoint, table
+from kameng.db import is_unique_violation, savepoint, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.security.crypto import Vault
 from kameng.suppliers.models import (
@@ -425,7 +425,7 @@ def _percentile(values: list[int], q: float) -> int | None:
 
 
 def health(conn: Connection, *, now: datetime, window_s: int = 900) -> list[Health]:
-    since = db_time(conn, now - timedelta(seconds=window_s))
+    since = now - timedelta(seconds=window_s)
     out = []
     for s in all_suppliers(conn):
         rows = conn.execute(
