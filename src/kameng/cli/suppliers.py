@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kameng.cli.base import ActorOpt, _actor, _container, console, supplier_app
+from kameng.cli.base import ActorOpt, _actor, _container, console, err_console, supplier_app
 from kameng.errors import ErrorCode, KamengError
 from kameng.suppliers.port import CatalogItem
 
@@ -73,7 +73,9 @@ def supplier_offer(
     supplier: Annotated[str, typer.Argument(help="Supplier code")],
     their_sku: Annotated[str, typer.Argument(help="The supplier's SKU code")],
     cost: Annotated[str, typer.Option(help="What one unit costs us there")],
-    priority: Annotated[int, typer.Option(help="Lower is tried first")] = 100,
+    priority: Annotated[
+        int | None, typer.Option(help="Lower is tried first (default 100; kept on update)")
+    ] = None,
     actor: ActorOpt = None,
 ) -> None:
     """Let the pipeline procure one of our SKUs from a supplier (add or update the offer)."""
@@ -113,7 +115,9 @@ def supplier_sync(
         list[str] | None,
         typer.Option("--map", help="THEIRS=OURS; default: SKUs with the same code"),
     ] = None,
-    priority: Annotated[int, typer.Option()] = 100,
+    priority: Annotated[
+        int | None, typer.Option(help="For new offers (default 100); existing ones keep theirs")
+    ] = None,
 ) -> None:
     """Read the supplier's catalog and create or update offers at their current prices."""
     from kameng.pipeline.registry import build_adapter
@@ -131,6 +135,14 @@ def supplier_sync(
             await adapter.aclose()
 
     items = asyncio.run(fetch())
+    if not items:
+        # The port never raises for upstream trouble: an empty catalog is how an unreachable
+        # supplier or refused credentials look from here, so say so and fail.
+        err_console.print(
+            f"[red]error[/red] supplier {code} returned no catalog "
+            "(unreachable, credentials refused, or nothing on sale)"
+        )
+        raise typer.Exit(1)
     wanted = dict(m.split("=", 1) for m in (mapping or []) if "=" in m)
     table = Table("their sku", "name", "price", "available", "our sku", "result")
     for item in items:

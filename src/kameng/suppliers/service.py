@@ -108,9 +108,11 @@ def add_offer(
     supplier_id: int,
     supplier_sku: str,
     cost_cents: int,
-    priority: int = 100,
+    priority: int | None = None,
     now: datetime,
 ) -> int:
+    """Add an offer, or update the cost of an existing one (its priority only when given,
+    so a catalog sync never undoes an operator's ordering)."""
     existing = conn.execute(
         select(_offer.c.id).where(
             _offer.c.sku_id == sku_id,
@@ -119,11 +121,10 @@ def add_offer(
         )
     ).scalar()
     if existing is not None:
-        conn.execute(
-            update(_offer)
-            .where(_offer.c.id == existing)
-            .values(cost_cents=cost_cents, priority=priority, enabled=True)
-        )
+        values: dict[str, Any] = {"cost_cents": cost_cents, "enabled": True}
+        if priority is not None:
+            values["priority"] = priority
+        conn.execute(update(_offer).where(_offer.c.id == existing).values(**values))
         return int(existing)
     return int(
         conn.execute(
@@ -133,7 +134,7 @@ def add_offer(
                 supplier_id=supplier_id,
                 supplier_sku=supplier_sku,
                 cost_cents=cost_cents,
-                priority=priority,
+                priority=100 if priority is None else priority,
                 enabled=True,
                 created_at=now,
             )

@@ -112,13 +112,15 @@ class KamengSupplier:
         data = json_or_none(response)
         if response.status_code in (200, 201) and data is not None:
             return _order_result(data)
+        code = str(((data or {}).get("error") or {}).get("code") or "")
+        if code in _MAYBE_BOUGHT:
+            return Result(Outcome.unknown, detail=code)
+        if response.status_code in (401, 403):
+            return Result(Outcome.rejected, reason="supplier_auth_failed")
+        if code in _REFUSALS:  # a definite refusal whatever its status (sku_disabled is a 409)
+            return Result(Outcome.rejected, reason=_REFUSALS[code])
         if 400 <= response.status_code < 500 and response.status_code not in (408, 409, 429):
-            code = str(((data or {}).get("error") or {}).get("code") or "")
-            if code in _MAYBE_BOUGHT:
-                return Result(Outcome.unknown, detail=code)
-            if response.status_code in (401, 403):
-                return Result(Outcome.rejected, reason="supplier_auth_failed")
-            return Result(Outcome.rejected, reason=_REFUSALS.get(code, code or "bad_request"))
+            return Result(Outcome.rejected, reason=code or "bad_request")
         return Result(Outcome.unknown, detail=f"http {response.status_code}")
 
     async def query(self, *, order_no: str) -> Result:

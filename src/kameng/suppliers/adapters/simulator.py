@@ -136,8 +136,12 @@ class SimulatorSupplier:
             response = await self.http.call("POST", "/v1/orders", body=body)
         except TransportFailure as exc:
             return Result(Outcome.unknown, detail=str(exc))
-        if response.status_code in (400, 401, 403):
-            # Refused before anything was done: our request or credentials are wrong.
+        if response.status_code in (401, 403):
+            # Our credentials are wrong: nothing was bought, and no purchase will succeed until
+            # an operator fixes them — a supplier-wide failure for the circuit breaker.
+            return Result(Outcome.rejected, reason="supplier_auth_failed")
+        if response.status_code == 400:
+            # Refused before anything was done: our request is wrong.
             data = json_or_none(response) or {}
             reason = str(data.get("reason") or data.get("code") or f"http_{response.status_code}")
             return Result(Outcome.rejected, reason=reason)
