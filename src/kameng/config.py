@@ -48,7 +48,11 @@ class Settings(BaseSettings):
         default=False, description="Run a pipeline worker inside each web process (`serve`)"
     )
     worker_batch: int = Field(default=64, description="Due orders claimed per round")
-    worker_concurrency: int = Field(default=256, description="Steps in flight per worker")
+    worker_concurrency: int = Field(
+        default=128,
+        description="Steps in flight per worker (a restarted worker with a backlog opens this "
+        "many supplier connections at once)",
+    )
     worker_poll_s: float = Field(default=0.2, description="Idle wait between claims")
     worker_lease_s: int = Field(
         default=120, description="A claimed order is due again after this if its worker died"

@@ -142,19 +142,28 @@ def apply_result(
     timing: Timing,
     via: str,
     latency_ms: int | None = None,
+    resent: bool = False,
 ) -> str:
-    """Apply one answer about `procurement`. Returns a short label of what happened."""
+    """Apply one answer about `procurement`. Returns a short label of what happened.
+
+    Locks are always taken order first, then procurement (a callback and a poll racing on the
+    same purchase would otherwise deadlock), and the procurement is read only once the order
+    is locked, so an answer applied meanwhile by the other path is seen, never overwritten.
+    `resent` counts a re-sent purchase as one more attempt.
+    """
+    loaded = fulfil.load(conn, order_id=procurement.order_id)
+    if loaded is None or loaded.line is None:
+        return "order_missing"
     proc = suppliers.procurement_by_out_trade_no(
         conn, supplier_id=procurement.supplier_id, out_trade_no=procurement.out_trade_no
     )
     if proc is None:
         return "procurement_missing"
-    loaded = fulfil.load(conn, order_id=proc.order_id)
-    if loaded is None or loaded.line is None:
-        return "order_missing"
     order = loaded.order
     state = ProcurementState(proc.state)
     extra: dict[str, Any] = {}
+    if resent:
+        extra["attempts"] = proc.attempts + 1
     if latency_ms is not None and proc.latency_ms is None:
         extra["latency_ms"] = latency_ms
     if result.trade_no and not proc.trade_no:
@@ -359,6 +368,7 @@ def apply_result(
 
     # unknown: resolve by query after a backoff, never by buying again
     attempts = proc.attempts + 1
+    extra.pop("attempts", None)
     suppliers.update_procurement(
         conn,
         procurement_id=proc.id,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind
@@ -357,10 +357,6 @@ async def run_step(ctx: StepContext, order_id: int) -> str:
 
     def settle(conn: Connection) -> str:
         now = ctx.clock()
-        if bump:
-            conn.execute(
-                update(_proc).where(_proc.c.id == proc.id).values(attempts=proc.attempts + 1)
-            )
         label = apply.apply_result(
             conn,
             vault=ctx.vault,
@@ -372,6 +368,7 @@ async def run_step(ctx: StepContext, order_id: int) -> str:
             timing=ctx.timing,
             via=via,
             latency_ms=latency_ms if via != "poll" else None,
+            resent=bump,
         )
         expired = expire_if_overdue(conn, ctx, order_id=proc.order_id, now=now)
         return expired or label

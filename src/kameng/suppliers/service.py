@@ -356,12 +356,15 @@ def record_call(conn: Connection, *, supplier_id: int, ok: bool, now: datetime) 
     """Feed the breaker; returns the new circuit state when it changed."""
     row = conn.execute(
         select(
-            _supplier.c.circuit_state, _supplier.c.failures, _supplier.c.circuit_opened_count
+            _supplier.c.circuit_state,
+            _supplier.c.failures,
+            _supplier.c.circuit_opened_count,
+            _supplier.c.circuit_open_until,
         ).where(_supplier.c.id == supplier_id)
     ).first()
     if row is None:
         return None
-    state, failures, opened = row
+    state, failures, opened, open_until = row
     if ok:
         if state == CircuitState.closed.value and failures == 0:
             return None  # the common case writes nothing
@@ -377,6 +380,14 @@ def record_call(conn: Connection, *, supplier_id: int, ok: bool, now: datetime) 
         )
         return CircuitState.closed.value if state != CircuitState.closed.value else None
     failures += 1
+    resting = state != CircuitState.closed.value and open_until is not None and open_until > now
+    if resting:
+        # Answers to calls made before the circuit opened are still arriving: they are not
+        # news, and must not stretch the rest period (only a failed probe after it does).
+        conn.execute(
+            update(_supplier).where(_supplier.c.id == supplier_id).values(failures=failures)
+        )
+        return None
     if state != CircuitState.closed.value or failures >= FAILURES_TO_OPEN:
         cooldown = min(BASE_COOLDOWN_S * 2**opened, MAX_COOLDOWN_S)
         conn.execute(
