@@ -261,24 +261,29 @@ def _resolve_hold(
     second, racing resolution waits and then sees the first one's outcome instead of moving
     money it no longer has.
     """
+    # Release from the holds row that received the money (holds are spread over shards):
+    # read in the same statement as the hold itself.
+    placed_on = (
+        select(_entry.c.account_id)
+        .where(_entry.c.transaction_id == _hold.c.place_txn_id, _entry.c.amount_cents > 0)
+        .limit(1)
+        .scalar_subquery()
+    )
     stmt = select(
-        _hold.c.amount_cents, _hold.c.state, _hold.c.ref_type, _hold.c.ref_id, _hold.c.account_id
+        _hold.c.amount_cents,
+        _hold.c.state,
+        _hold.c.ref_type,
+        _hold.c.ref_id,
+        _hold.c.account_id,
+        placed_on.label("placed_on"),
     ).where(_hold.c.id == hold_id)
     if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
+        stmt = stmt.with_for_update(of=_hold)
     hold = conn.execute(stmt).first()
     if counter_account is None and hold is not None:
         counter_account = int(hold.account_id)  # a void returns money where it came from
-    if hold is not None:
-        # Release from the holds row that received the money (holds are spread over shards).
-        placed_on = conn.execute(
-            select(_entry.c.account_id).where(
-                _entry.c.transaction_id
-                == select(_hold.c.place_txn_id).where(_hold.c.id == hold_id).scalar_subquery(),
-                _entry.c.amount_cents > 0,
-            )
-        ).scalar()
-        holds_account = int(placed_on) if placed_on is not None else holds_account
+    if hold is not None and hold.placed_on is not None:
+        holds_account = int(hold.placed_on)
     if hold is None or hold.state != HoldState.pending.value or counter_account is None:
         raise KamengError(
             ErrorCode.invalid_transition,

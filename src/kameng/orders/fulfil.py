@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind, Product, Sku
@@ -39,23 +39,64 @@ class Loaded:
     delivery_kind: str
 
 
+@dataclass(frozen=True, slots=True)
+class LineView:
+    id: int
+    quantity: int
+    unit_price_cents: int
+    fields: dict[str, Any]
+
+
+_LOAD = (
+    select(
+        _order,
+        _line.c.id.label("line_id"),
+        _line.c.quantity.label("line_quantity"),
+        _line.c.unit_price_cents.label("line_unit_price_cents"),
+        _line.c.fields.label("line_fields"),
+        _product.c.delivery_kind.label("delivery_kind"),
+    )
+    .select_from(
+        _order.join(_line, _line.c.order_id == _order.c.id)
+        .join(_sku, _sku.c.id == _order.c.sku_id)
+        .join(_product, _product.c.id == _sku.c.product_id)
+    )
+    .order_by(_line.c.id)
+    .limit(1)
+)
+
+
+_LOAD_BY_ID = _LOAD.where(_order.c.id == bindparam("oid"))
+_LOAD_LOCKED = _LOAD_BY_ID.with_for_update(of=_order)
+_LOCK_VERSION = select(_order.c.version).where(_order.c.id == bindparam("oid")).with_for_update()
+
+
 def load(conn: Connection, *, order_id: int, lock: bool = True) -> Loaded | None:
-    """The order, its line and its delivery kind; locked on PostgreSQL for the step."""
-    stmt = select(_order).where(_order.c.id == order_id)
-    if lock and conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    order = conn.execute(stmt).first()
-    if order is None:
+    """The order, its line and its delivery kind in one statement; with `lock`, the order row
+    is locked (PostgreSQL; SQLite has one writer) for the rest of the transaction."""
+    stmt = _LOAD_LOCKED if lock and conn.dialect.name == "postgresql" else _LOAD_BY_ID
+    row = conn.execute(stmt, {"oid": order_id}).first()
+    if row is None:
         return None
-    line = conn.execute(
-        select(_line).where(_line.c.order_id == order_id).order_by(_line.c.id)
-    ).first()
-    kind = conn.execute(
-        select(_product.c.delivery_kind)
-        .select_from(_sku.join(_product, _product.c.id == _sku.c.product_id))
-        .where(_sku.c.id == order.sku_id)
-    ).scalar_one()
-    return Loaded(order, line, str(kind))
+    line = LineView(
+        int(row.line_id),
+        int(row.line_quantity),
+        int(row.line_unit_price_cents),
+        dict(row.line_fields or {}),
+    )
+    return Loaded(row, line, str(row.delivery_kind))
+
+
+def lock_order(conn: Connection, *, loaded: Loaded) -> Loaded | None:
+    """Lock an order read without a lock; re-read it only if it changed in between."""
+    if conn.dialect.name != "postgresql":
+        return loaded
+    version = conn.execute(_LOCK_VERSION, {"oid": loaded.order.id}).scalar()
+    if version is None:
+        return None
+    if version == loaded.order.version:
+        return loaded
+    return load(conn, order_id=loaded.order.id)
 
 
 def backorder_queue_exists(conn: Connection, *, sku_id: int) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind
@@ -408,6 +408,12 @@ def _load_for_update(conn: Connection, *, order_no: str, reseller_id: int | None
     return row
 
 
+# Compare-and-set on version; the SET list comes from the parameters (built once, reused).
+_TRANSITION = update(_order).where(
+    _order.c.id == bindparam("oid"), _order.c.version == bindparam("expected_version")
+)
+
+
 def transition(
     conn: Connection,
     *,
@@ -425,18 +431,19 @@ def transition(
     from_status = Status(order.status)
     event = _event_row(conn, order.id, from_status, to_status, stage, reason, actor, now, details)
     changed = conn.execute(
-        update(_order)
-        .where(_order.c.id == order.id, _order.c.version == order.version)
-        .values(
-            status=to_status.value,
-            stage=event["stage"],
-            reason=reason,
-            stage_since=now,
-            next_action_at=next_action_at,
-            version=order.version + 1,
-            updated_at=now,
+        _TRANSITION,
+        {
+            "oid": order.id,
+            "expected_version": order.version,
+            "status": to_status.value,
+            "stage": event["stage"],
+            "reason": reason,
+            "stage_since": now,
+            "next_action_at": next_action_at,
+            "version": order.version + 1,
+            "updated_at": now,
             **(extra_values or {}),
-        )
+        },
     ).rowcount
     if changed != 1:
         raise KamengError(ErrorCode.concurrent_update)

@@ -40,7 +40,7 @@ _order = table(Order)
 _event = table(OrderEvent)
 _supplier = table(Supplier)
 _proc = table(Procurement)
-_offers = table(SupplierOffer)
+_offer_table = table(SupplierOffer)
 
 # A purchase the supplier says it never received is re-sent under the same out-trade-no (they
 # deduplicate on it) this many times before we give up on that supplier for this order.
@@ -51,6 +51,7 @@ RESEND_LIMIT = 3
 class Plan:
     kind: str  # done | purchase | query
     label: str = ""
+    deadline: datetime | None = None
     procurement: Any = None
     supplier: Any = None
     supplier_sku: str = ""
@@ -70,6 +71,47 @@ class StepContext:
     callback_base_url: str
     timing: Timing = field(default_factory=Timing)
     lease_s: int = 120
+    # Supplier rows and offers change rarely and are read by every step: keep them a second.
+    cache_ttl_s: float = 1.0
+    _cache: dict[tuple[str, int], tuple[float, Any]] = field(default_factory=dict)
+
+    def cached(self, kind: str, key: int, load: Callable[[], Any]) -> Any:
+        hit = self._cache.get((kind, key))
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = load()
+        self._cache[(kind, key)] = (now + self.cache_ttl_s, value)
+        return value
+
+
+def _supplier_row(conn: Connection, ctx: StepContext, supplier_id: int) -> Any:
+    return ctx.cached(
+        "supplier",
+        supplier_id,
+        lambda: conn.execute(select(_supplier).where(_supplier.c.id == supplier_id)).one(),
+    )
+
+
+def _offers(conn: Connection, ctx: StepContext, sku_id: int) -> list[suppliers.Offer]:
+    offers: list[suppliers.Offer] = ctx.cached(
+        "offers", sku_id, lambda: suppliers.offers_for(conn, sku_id=sku_id)
+    )
+    return offers
+
+
+@dataclass(frozen=True, slots=True)
+class ProcView:
+    """The procurement a step works on, as far as the step needs it."""
+
+    id: int
+    order_id: int
+    supplier_id: int
+    offer_id: int
+    out_trade_no: str
+    state: str
+    attempts: int
+    quantity: int
 
 
 def _round_start(conn: Connection, order: Any) -> datetime:
@@ -99,16 +141,23 @@ def _on_served(conn: Connection, order_ids: list[int], now: datetime) -> None:
 
 
 def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetime) -> Plan:
-    peek = conn.execute(
-        select(_order.c.status, _order.c.sku_id).where(_order.c.id == order_id)
-    ).first()
+    # Read, then lock: a SKU's backorder queue lock must be taken before any of its orders'
+    # row locks (see fulfil.lock_backorder_queue), so the status decides what to lock first.
+    peek = fulfil.load(conn, order_id=order_id, lock=False)
     if peek is None:
         return Plan("done", "missing")
-    if peek.status == Status.backordered.value:
-        fulfil.lock_backorder_queue(conn, sku_id=peek.sku_id)
-    loaded = fulfil.load(conn, order_id=order_id)
-    if loaded is None or loaded.line is None:
+    if peek.order.status == Status.backordered.value:
+        fulfil.lock_backorder_queue(conn, sku_id=peek.order.sku_id)
+    loaded = fulfil.lock_order(conn, loaded=peek)
+    if loaded is None:
         return Plan("done", "missing")
+    if (
+        loaded.order.status == Status.backordered.value
+        and peek.order.status != Status.backordered.value
+    ):
+        # It joined the queue in between, without us holding the queue lock: next round.
+        fulfil.reschedule(conn, order=loaded.order, next_action_at=now)
+        return Plan("done", "retry")
     order = loaded.order
     status = Status(order.status)
     if status in TERMINAL or status in (Status.delivered, Status.disputed):
@@ -183,15 +232,15 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
     procs = suppliers.procurements_of_line(conn, line_id=loaded.line.id)
     live = suppliers.live_procurement(procs)
     if live is not None:
-        supplier = conn.execute(select(_supplier).where(_supplier.c.id == live.supplier_id)).one()
-        offer_sku = _offer_sku(conn, live.offer_id)
+        known = {o.id: o.supplier_sku for o in _offers(conn, ctx, order.sku_id)}
         return Plan(
             "query",
             procurement=live,
-            supplier=supplier,
-            supplier_sku=offer_sku,
+            supplier=_supplier_row(conn, ctx, live.supplier_id),
+            supplier_sku=known.get(live.offer_id) or _offer_sku(conn, live.offer_id),
             quantity=live.quantity,
             fields=dict(loaded.line.fields or {}),
+            deadline=order.sla_deadline,
         )
     if overdue:
         apply.refund(
@@ -199,9 +248,11 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
         )
         return Plan("done", "refunded")
 
-    since = _round_start(conn, order)
-    refused = {p.offer_id for p in procs if p.state == "rejected" and p.created_at >= since}
-    offers = suppliers.offers_for(conn, sku_id=order.sku_id)
+    refused: set[int] = set()
+    if any(p.state == "rejected" for p in procs):
+        since = _round_start(conn, order)
+        refused = {p.offer_id for p in procs if p.state == "rejected" and p.created_at >= since}
+    offers = _offers(conn, ctx, order.sku_id)
     usable = suppliers.route(offers, now=now, exclude=refused)
     if not usable:
         last = procs[-1].reason if procs else ""
@@ -226,7 +277,7 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
     offer = usable[0]
     earlier = sum(1 for p in procs if p.supplier_id == offer.supplier_id)
     out_trade_no = order.order_no if earlier == 0 else f"{order.order_no}-{earlier + 1}"
-    suppliers.start_procurement(
+    proc_id = suppliers.start_procurement(
         conn,
         order_id=order.id,
         line_id=loaded.line.id,
@@ -246,23 +297,32 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
             next_action_at=now + timedelta(seconds=ctx.lease_s),
             details={"supplier": offer.supplier_code},
         )
-    proc = suppliers.procurement_by_out_trade_no(
-        conn, supplier_id=offer.supplier_id, out_trade_no=out_trade_no
+    proc = ProcView(
+        id=proc_id,
+        order_id=order.id,
+        supplier_id=offer.supplier_id,
+        offer_id=offer.id,
+        out_trade_no=out_trade_no,
+        state=ProcurementState.sending.value,
+        attempts=1,
+        quantity=loaded.line.quantity,
     )
-    supplier = conn.execute(select(_supplier).where(_supplier.c.id == offer.supplier_id)).one()
     return Plan(
         "purchase",
         procurement=proc,
-        supplier=supplier,
+        supplier=_supplier_row(conn, ctx, offer.supplier_id),
         supplier_sku=offer.supplier_sku,
         quantity=loaded.line.quantity,
         fields=dict(loaded.line.fields or {}),
+        deadline=order.sla_deadline,
     )
 
 
 def _offer_sku(conn: Connection, offer_id: int) -> str:
     return str(
-        conn.execute(select(_offers.c.supplier_sku).where(_offers.c.id == offer_id)).scalar_one()
+        conn.execute(
+            select(_offer_table.c.supplier_sku).where(_offer_table.c.id == offer_id)
+        ).scalar_one()
     )
 
 
@@ -370,6 +430,8 @@ async def run_step(ctx: StepContext, order_id: int) -> str:
             latency_ms=latency_ms if via != "poll" else None,
             resent=bump,
         )
+        if plan.deadline is None or plan.deadline > now:
+            return label
         expired = expire_if_overdue(conn, ctx, order_id=proc.order_id, now=now)
         return expired or label
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from kameng.db import is_unique_violation, savepoint, table
@@ -235,10 +235,19 @@ def next_reopen(offers: list[Offer], *, exclude: set[int]) -> datetime | None:
 # -- procurements ---------------------------------------------------------------------------------
 
 
+# Statements every pipeline step runs, built once: SQLAlchemy then reuses their memoized
+# cache keys instead of rebuilding and re-hashing an expression tree per call.
+_PROCS_OF_LINE = (
+    select(_proc).where(_proc.c.order_line_id == bindparam("line_id")).order_by(_proc.c.id)
+)
+_PROC_BY_NO = select(_proc).where(
+    _proc.c.supplier_id == bindparam("sid"), _proc.c.out_trade_no == bindparam("no")
+)
+_UPDATE_PROC = update(_proc).where(_proc.c.id == bindparam("pid"))
+
+
 def procurements_of_line(conn: Connection, *, line_id: int) -> list[Any]:
-    return list(
-        conn.execute(select(_proc).where(_proc.c.order_line_id == line_id).order_by(_proc.c.id))
-    )
+    return list(conn.execute(_PROCS_OF_LINE, {"line_id": line_id}))
 
 
 def live_procurement(rows: list[Any]) -> Any | None:
@@ -297,24 +306,14 @@ def update_procurement(
         ProcurementState.rejected,
         ProcurementState.abandoned,
     )
-    conn.execute(
-        update(_proc)
-        .where(_proc.c.id == procurement_id)
-        .values(
-            state=state.value,
-            updated_at=now,
-            **({"finished_at": now} if finished else {}),
-            **values,
-        )
-    )
+    params = {"pid": procurement_id, "state": state.value, "updated_at": now, **values}
+    if finished:
+        params["finished_at"] = now
+    conn.execute(_UPDATE_PROC, params)
 
 
 def procurement_by_out_trade_no(conn: Connection, *, supplier_id: int, out_trade_no: str) -> Any:
-    return conn.execute(
-        select(_proc).where(
-            _proc.c.supplier_id == supplier_id, _proc.c.out_trade_no == out_trade_no
-        )
-    ).first()
+    return conn.execute(_PROC_BY_NO, {"sid": supplier_id, "no": out_trade_no}).first()
 
 
 def remember_event(
@@ -353,7 +352,26 @@ def prune_events(conn: Connection, *, older_than: datetime) -> int:
 
 
 def record_call(conn: Connection, *, supplier_id: int, ok: bool, now: datetime) -> str | None:
-    """Feed the breaker; returns the new circuit state when it changed."""
+    """Feed the breaker; returns the new circuit state when it changed ("closed" is also
+    returned when a success wipes out earlier failures of a closed circuit)."""
+    if ok:
+        # The common case (closed, no failures) must read nothing and write nothing: one
+        # conditional UPDATE that only matches a supplier with something to reset.
+        reset = conn.execute(
+            update(_supplier)
+            .where(
+                _supplier.c.id == supplier_id,
+                (_supplier.c.failures > 0)
+                | (_supplier.c.circuit_state != CircuitState.closed.value),
+            )
+            .values(
+                circuit_state=CircuitState.closed.value,
+                failures=0,
+                circuit_open_until=None,
+                circuit_opened_count=0,
+            )
+        ).rowcount
+        return CircuitState.closed.value if reset else None
     row = conn.execute(
         select(
             _supplier.c.circuit_state,
@@ -365,20 +383,6 @@ def record_call(conn: Connection, *, supplier_id: int, ok: bool, now: datetime) 
     if row is None:
         return None
     state, failures, opened, open_until = row
-    if ok:
-        if state == CircuitState.closed.value and failures == 0:
-            return None  # the common case writes nothing
-        conn.execute(
-            update(_supplier)
-            .where(_supplier.c.id == supplier_id)
-            .values(
-                circuit_state=CircuitState.closed.value,
-                failures=0,
-                circuit_open_until=None,
-                circuit_opened_count=0,
-            )
-        )
-        return CircuitState.closed.value if state != CircuitState.closed.value else None
     failures += 1
     resting = state != CircuitState.closed.value and open_until is not None and open_until > now
     if resting:
