@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/stock_import.py
 	$(BIN)/python bench/orders.py --db sqlite
 	$(BIN)/python bench/orders.py --db postgresql
+	$(BIN)/python bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -15,15 +15,24 @@ be delivered. Per order, from the database:
     overhead = total - supplier
 `created_at` is taken at the start of the placing transaction (web process); `delivered_at` at
 the start of the worker's settling transaction, so the settle commit itself is not included.
+`latency_ms` also holds whatever the worker's own HTTP client adds (waiting for a pooled
+connection, a busy event loop), so `total - 200 ms` (the simulator's fixed latency) is printed
+next to it: when the two differ, the difference is time spent inside the worker.
 
 Phase B — worker throughput with 1, 2, 4 worker processes: for each N a backlog (default 3,000
 orders, a fresh SKU per N) is placed with no worker running and then held (next_action_at moved
 an hour ahead) while the N workers start, so process start-up is not timed; then the backlog is
 released (next_action_at = now, NOTIFY) and timed until every order is delivered.
-orders_per_s_wN = backlog / (last delivered_at - release).
+orders_per_s_wN = delivered / (last delivered_at - release).
 
 Baseline, same run: the simulator alone — closed-loop purchases from the raw client with 200
 connections at the same 200 ms latency (the ceiling is 200 / 0.2 s = 1,000/s).
+
+Each phase prints the CPU used by the web, the workers, the simulator, PostgreSQL and this
+script (cores, and CPU ms per order), plus `other`: CPU used on the machine by anything else. A
+busy machine skews every figure, so each measured phase first waits (up to `--quiet-wait` s)
+for the machine to be nearly idle. `--py-spy PATH` samples the workers (GIL holders) into
+`pyspy-*.txt` in the temp dir (kept with `--keep`).
 
 Prints one `key=value` line at the end:
   overhead_p50_ms=… overhead_p99_ms=… total_p50_ms=… total_p99_ms=… placed_per_s=…
@@ -67,6 +76,7 @@ from kameng.migrate import upgrade
 from kameng.resellers import service as resellers
 from kameng.security.signing import sign_request, signed_headers
 from kameng.suppliers import service as suppliers
+from kameng.suppliers.adapters import signed_http
 
 KAMENG = str(Path(sys.executable).with_name("kameng"))
 SIM_SKU = "SIM-TOPUP"
@@ -186,6 +196,7 @@ class CpuMeter:
         ours = sum(used.values())
         used["other"] = max(0.0, (busy / total if total else 0.0) * cores - ours)
         used["machine_busy"] = busy / total if total else float("nan")
+        used["_wall"] = wall
         return used
 
 
@@ -213,10 +224,17 @@ def wait_quiet(max_wait: float, threshold: float = 0.15) -> None:
     log(f"  still {busy * 100:.0f}% busy: measuring anyway (see `other` in the CPU figures)")
 
 
-def fmt_cpu(used: dict[str, float]) -> str:
-    parts = [f"{k}={v:.2f}" for k, v in used.items() if k != "machine_busy"]
-    parts[-1] = f"(not ours: {parts[-1]})"
-    return "cores used: " + " ".join(parts) + f"  machine busy {used['machine_busy'] * 100:.0f}%"
+def fmt_cpu(used: dict[str, float], orders: int) -> str:
+    """Cores used per process group, and CPU milliseconds per order."""
+    labels = [k for k in used if k not in ("machine_busy", "_wall")]
+    cores = " ".join(f"{k}={used[k]:.2f}" for k in labels)
+    per = " ".join(
+        f"{k}={used[k] * used['_wall'] * 1000 / max(orders, 1):.1f}" for k in labels if k != "other"
+    )
+    return (
+        f"cores used: {cores} (`other` = not ours), machine busy "
+        f"{used['machine_busy'] * 100:.0f}%\n  CPU ms per order: {per}"
+    )
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -705,7 +723,7 @@ class Rig:
     spies: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def spy(self, workers: list[Proc], tag: str) -> None:
-        """Sample every worker (all threads, idle included) with py-spy until `unspy()`."""
+        """Sample what every worker runs while holding the GIL (py-spy) until `unspy()`."""
         if not self.py_spy:
             return
         for i, w in enumerate(workers):
@@ -713,8 +731,9 @@ class Rig:
             self.spies.append(
                 subprocess.Popen(
                     [
-                        *(self.py_spy, "record", "--pid", str(w.pid), "--rate", "200", "--idle"),
-                        *("--threads", "--format", "raw", "--output", str(out)),
+                        *(self.py_spy, "record", "--pid", str(w.pid), "--rate", "100"),
+                        *("--gil", "--nonblocking", "--threads", "--format", "raw"),
+                        *("--output", str(out)),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -748,9 +767,9 @@ def phase_a(rig: Rig, *, sku: str, rate: float, seconds: float, n_workers: int) 
     rig.live.extend(workers)
     try:
         wait_workers_started(workers)
-        warm = presign_orders(rig.creds, "BENCH-WARM", int(rate * 2), f"warm{rate:.0f}")
+        warm = presign_orders(rig.creds, "BENCH-WARM", min(int(rate), 100), f"warm{rate:.0f}")
         run_load(rig.web_port, warm, rate=rate, connections=CONNECTIONS)
-        wait_delivered(rig.engine, "BENCH-WARM", None, 30)
+        wait_delivered(rig.engine, "BENCH-WARM", None, 120)
         count = int(rate * seconds)
         reqs = presign_orders(rig.creds, sku, count, f"a{rate:.0f}")
         wait_quiet(rig.quiet_wait)
@@ -758,7 +777,7 @@ def phase_a(rig: Rig, *, sku: str, rate: float, seconds: float, n_workers: int) 
         meter = rig.meter(workers)
         load = run_load(rig.web_port, reqs, rate=rate, connections=CONNECTIONS)
         placed = load.ok(201)
-        wait_delivered(rig.engine, sku, placed, timeout=60 + seconds)
+        wait_delivered(rig.engine, sku, placed, timeout=max(120.0, placed / 10))
         cpu = meter.stop()
         rig.unspy()
         problems = worker_log_problems(workers)
@@ -783,9 +802,11 @@ def phase_a(rig: Rig, *, sku: str, rate: float, seconds: float, n_workers: int) 
     log(f"  total     {dist(stats.total_ms)}")
     log(f"  supplier  {dist(stats.supplier_ms)}")
     log(f"  overhead  {dist(stats.overhead_ms)}")
+    fixed = [t - SIM_LATENCY_MS for t in stats.total_ms]
+    log(f"  total - the simulator's fixed {SIM_LATENCY_MS} ms {dist(fixed)}")
     log(f"    created -> procurement written (notify, claim, plan) {dist(stats.before_ms)}")
     log(f"    the rest (request build, settle, delivery)           {dist(stats.after_ms)}")
-    log(f"  {fmt_cpu(cpu)}")
+    log(f"  {fmt_cpu(cpu, stats.delivered)}")
     for line in problems:
         log(f"  worker log: {line}")
     return {
@@ -838,7 +859,7 @@ def phase_b(rig: Rig, *, sku: str, backlog: int, n_workers: int) -> dict[str, An
                 {"sku": sku},
             )
             notify_due(conn)
-        seen = wait_delivered(rig.engine, sku, placed, timeout=max(120.0, placed / 20))
+        seen = wait_delivered(rig.engine, sku, placed, timeout=max(120.0, placed / 10))
         cpu = meter.stop()
         rig.unspy()
         problems = worker_log_problems(workers)
@@ -857,7 +878,7 @@ def phase_b(rig: Rig, *, sku: str, backlog: int, n_workers: int) -> dict[str, An
         f"{elapsed_db:.2f} s (poll saw it at {seen - released:.2f} s) = {rate:.0f} orders/s"
     )
     log(f"  supplier latency {dist(stats.supplier_ms)}")
-    log(f"  {fmt_cpu(cpu)}")
+    log(f"  {fmt_cpu(cpu, stats.delivered)}")
     for line in problems:
         log(f"  worker log: {line}")
     return {"rate": rate, "delivered": stats.delivered, "placed": placed, "cpu": cpu}
@@ -979,7 +1000,8 @@ def main() -> None:
             f"web: {args.web_workers} processes; workers: concurrency "
             f"{effective.worker_concurrency}, batch {effective.worker_batch}, poll "
             f"{effective.worker_poll_s} s, db pool {effective.db_pool_size} (tx threads), "
-            f"supplier httpx pool 200 connections"
+            "supplier client: aiohttp, at most "
+            f"{signed_http.MAX_CONNECTIONS} connections per supplier (SignedHttp)"
         )
 
         a_results = [
@@ -998,7 +1020,9 @@ def main() -> None:
             log(
                 f"  A @ {res['rate']:.0f}/s target: placed {res['placed_per_s']:.1f}/s, delivered "
                 f"{s.delivery_rate:.1f}/s, not delivered {res['not_delivered']}; overhead p50 "
-                f"{pct(s.overhead_ms, 50):.1f} p99 {pct(s.overhead_ms, 99):.1f} ms; total p50 "
+                f"{pct(s.overhead_ms, 50):.1f} p99 {pct(s.overhead_ms, 99):.1f} ms (total - "
+                f"{SIM_LATENCY_MS} ms: p50 {pct(s.total_ms, 50) - SIM_LATENCY_MS:.1f} p99 "
+                f"{pct(s.total_ms, 99) - SIM_LATENCY_MS:.1f}); total p50 "
                 f"{pct(s.total_ms, 50):.1f} p99 {pct(s.total_ms, 99):.1f} ms; machine busy "
                 f"{res['cpu']['machine_busy'] * 100:.0f}%"
             )
