@@ -189,7 +189,9 @@ class PlatformMachine(RuleBasedStateMachine):
         order = ModelOrder(
             placed.order_no, rid, sku, quantity, amount, placed.line_id, placed.status.value
         )
-        if self.available_keys[sku] >= quantity:
+        # FIFO: while an order waits for this SKU, a new one waits behind it whatever the stock.
+        queue = any(o.sku == sku and o.status == "backordered" for o in self.orders.values())
+        if self.available_keys[sku] >= quantity and not queue:
             assert placed.status.value == "delivered", placed
             assert len(placed.keys) == quantity
             order.key_ids = [k.id for k in placed.keys]
