@@ -322,9 +322,9 @@ def pipelined(conn: Connection) -> Iterator[None]:
 # freshly paid order is picked up in milliseconds instead of at the next poll. Delivered only
 # when the transaction commits, which is exactly when the order is really due.
 DUE_CHANNEL = "kameng_due"
-_NOTIFY_DUE = f"NOTIFY {DUE_CHANNEL}"
+_NOTIFY_DUE = RawSQL(f"NOTIFY {DUE_CHANNEL}")
 
 
 def notify_due(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
-        RawSQL(_NOTIFY_DUE).run(conn, {}).close()
+        _NOTIFY_DUE.run(conn, {}).close()

@@ -22,8 +22,8 @@ from kameng.inventory import service as inventory
 from kameng.inventory.models import KeyState
 from kameng.ledger import service as ledger
 from kameng.orders.models import Order, OrderLine
-from kameng.orders.service import _INSERT_DELIVERY, _QUEUE_EXISTS, transition
-from kameng.orders.state import Stage, Status
+from kameng.orders.service import _INSERT_DELIVERY, transition
+from kameng.orders.state import Status
 from kameng.security.crypto import Vault
 
 _order = table(Order)
@@ -97,38 +97,6 @@ def lock_order(conn: Connection, *, loaded: Loaded) -> Loaded | None:
     if version == loaded.order.version:
         return loaded
     return load(conn, order_id=loaded.order.id)
-
-
-def backorder_queue_exists(conn: Connection, *, sku_id: int) -> bool:
-    """Restocks never jump the queue: while any order waits for this SKU, new orders wait too."""
-    return _QUEUE_EXISTS.one(conn, {"sku_id": sku_id}) is not None
-
-
-def move(
-    conn: Connection,
-    *,
-    order: Any,
-    to_status: Status,
-    stage: Stage | None = None,
-    reason: str,
-    now: datetime,
-    next_action_at: datetime | None,
-    actor: str = "system",
-    details: dict[str, Any] | None = None,
-    extra_values: dict[str, Any] | None = None,
-) -> None:
-    transition(
-        conn,
-        order=order,
-        to_status=to_status,
-        stage=stage,
-        reason=reason,
-        actor=actor,
-        now=now,
-        next_action_at=next_action_at,
-        details=details,
-        extra_values=extra_values,
-    )
 
 
 def store_supplier_keys(
@@ -215,11 +183,12 @@ def deliver(
             returned_cents=returned,
             memo=f"deliver {order.order_no}" + (f", {missing} short refunded" if missing else ""),
         )
-    move(
+    transition(
         conn,
         order=order,
         to_status=Status.delivered,
         reason=reason,
+        actor="system",
         now=now,
         next_action_at=None,
         details={
@@ -260,7 +229,7 @@ def refund(
             actor=actor,
             memo=f"refund {order.order_no}: {reason}",
         )
-    move(
+    transition(
         conn,
         order=order,
         to_status=Status.refunded,

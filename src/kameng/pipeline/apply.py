@@ -9,6 +9,7 @@ out-of-order answers harmless.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,6 +20,7 @@ from kameng.catalog.models import DeliveryKind
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
 from kameng.orders import fulfil
+from kameng.orders import service as orders
 from kameng.orders.state import DEFAULT_STAGE, TERMINAL, Stage, Status
 from kameng.pipeline import outbox
 from kameng.security.crypto import Vault
@@ -43,8 +45,6 @@ class Timing:
 
 def backoff(attempt: int, *, first: float, cap: float) -> timedelta:
     """Capped exponential backoff with jitter in [50 %, 100 %] of the step (never a storm)."""
-    import random
-
     step = min(cap, first * 2 ** max(attempt - 1, 0))
     return timedelta(seconds=max(0.2, random.uniform(step / 2, step)))
 
@@ -68,12 +68,13 @@ def transition(
     extra_values: dict[str, Any] | None = None,
 ) -> None:
     """An order move plus its outgoing notification, committed together."""
-    fulfil.move(
+    orders.transition(
         conn,
         order=loaded.order,
         to_status=to_status,
         stage=stage,
         reason=reason,
+        actor="system",
         now=now,
         next_action_at=next_action_at,
         details=details,
@@ -250,7 +251,7 @@ def apply_result(
             now + backoff(proc.attempts, first=min(timing.poll_s, 5), cap=timing.retry_cap_s),
         )
         if order.reason == "upstream_partial" and held == proc.keys_received:
-            fulfil_touch(conn, loaded=loaded, next_action_at=again)
+            fulfil.reschedule(conn, order=loaded.order, next_action_at=again)
             return "partial"
         transition(
             conn,
@@ -294,7 +295,7 @@ def apply_result(
             ),
         )
         if waiting:
-            fulfil_touch(conn, loaded=loaded, next_action_at=next_at)
+            fulfil.reschedule(conn, order=loaded.order, next_action_at=next_at)
         else:
             transition(
                 conn,
@@ -382,7 +383,7 @@ def apply_result(
     _feed_breaker(conn, supplier_id=proc.supplier_id, ok=False, now=now)
     next_at = cap_at_deadline(order, now + backoff(attempts, first=1.0, cap=timing.retry_cap_s))
     if order.reason == "upstream_unknown_outcome":
-        fulfil_touch(conn, loaded=loaded, next_action_at=next_at)
+        fulfil.reschedule(conn, order=loaded.order, next_action_at=next_at)
     else:
         transition(
             conn,
@@ -395,11 +396,6 @@ def apply_result(
             details={"supplier": supplier_code, "detail": result.detail[:100]},
         )
     return "unknown"
-
-
-def fulfil_touch(conn: Connection, *, loaded: fulfil.Loaded, next_action_at: datetime) -> None:
-    """Reschedule without a new timeline entry (a poll that found nothing new is not news)."""
-    fulfil.reschedule(conn, order=loaded.order, next_action_at=next_action_at)
 
 
 def _keys_to_stock(

@@ -20,11 +20,13 @@ from sqlalchemy.engine import Connection
 
 from kameng.container import Container
 from kameng.db import table
+from kameng.orders.models import Order
 from kameng.pipeline.models import OutboxMessage
 from kameng.resellers import service as resellers
 from kameng.security.signing import webhook_signature
 
 _outbox = table(OutboxMessage)
+_order = table(Order)
 log = logging.getLogger("kameng.outbox")
 
 MAX_ATTEMPTS = 12  # about 1.5 h of retries with the backoff below
@@ -88,13 +90,9 @@ def _claim(conn: Connection, *, now: datetime, limit: int) -> list[Any]:
 
 
 def _secrets_for(conn: Connection, container: Container, order_id: int | None) -> list[str]:
-    from kameng.orders.models import Order
-
     if order_id is None:
         return []
-    reseller_id = conn.execute(
-        select(table(Order).c.reseller_id).where(table(Order).c.id == order_id)
-    ).scalar()
+    reseller_id = conn.execute(select(_order.c.reseller_id).where(_order.c.id == order_id)).scalar()
     if reseller_id is None:
         return []
     return resellers.webhook_secrets(conn, container.vault, reseller_id=int(reseller_id))

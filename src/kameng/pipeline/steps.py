@@ -23,23 +23,21 @@ from kameng.db import table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
 from kameng.orders import fulfil
-from kameng.orders.models import Order, OrderEvent
+from kameng.orders.models import OrderEvent
 from kameng.orders.state import TERMINAL, Stage, Status
 from kameng.pipeline import apply, outbox
 from kameng.pipeline.apply import Timing, cap_at_deadline
 from kameng.pipeline.registry import Adapters
 from kameng.security.crypto import Vault
 from kameng.suppliers import service as suppliers
-from kameng.suppliers.models import Procurement, ProcurementState, Supplier, SupplierOffer
+from kameng.suppliers.models import ProcurementState, Supplier, SupplierOffer
 from kameng.suppliers.port import Outcome, Result
 
 log = logging.getLogger("kameng.pipeline")
 T = TypeVar("T")
 
-_order = table(Order)
 _event = table(OrderEvent)
 _supplier = table(Supplier)
-_proc = table(Procurement)
 _offer_table = table(SupplierOffer)
 
 # A purchase the supplier says it never received is re-sent under the same out-trade-no (they

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, insert, update
 from sqlalchemy.engine import Connection
 
 from kameng.container import Container
 from kameng.db import RawSQL, db_time, table
-from kameng.orders.models import Order
 from kameng.pipeline import outbox, wakeup
 from kameng.pipeline.apply import Timing
 from kameng.pipeline.metrics import STEP_SECONDS, STEPS
@@ -38,7 +37,6 @@ from kameng.pipeline.steps import StepContext, run_step
 from kameng.suppliers import service as suppliers
 
 log = logging.getLogger("kameng.worker")
-_order = table(Order)
 _beat = table(WorkerHeartbeat)
 
 _CLAIM_PG = RawSQL(
@@ -286,13 +284,3 @@ async def _wait(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> Non
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
-
-
-def due_count(conn: Connection, *, now: datetime) -> int:
-    return int(
-        conn.execute(
-            select(func.count())
-            .select_from(_order)
-            .where(_order.c.next_action_at.is_not(None), _order.c.next_action_at <= now)
-        ).scalar_one()
-    )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
 from kameng.db import is_unique_violation, savepoint, table
@@ -472,8 +472,3 @@ def health(conn: Connection, *, now: datetime, window_s: int = 900) -> list[Heal
             )
         )
     return out
-
-
-def count_procurements(conn: Connection) -> dict[str, int]:
-    rows = conn.execute(select(_proc.c.state, func.count()).group_by(_proc.c.state))
-    return {state: int(n) for state, n in rows}
