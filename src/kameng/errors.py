@@ -50,6 +50,19 @@ class ErrorCode(StrEnum):
     tier_not_found = "tier_not_found"
     product_not_found = "product_not_found"
     invalid_field_template = "invalid_field_template"
+    # members and browser forms
+    email_invalid = "email_invalid"
+    password_too_weak = "password_too_weak"  # noqa: S105 (a code, not a password)
+    email_taken = "email_taken"
+    login_failed = "login_failed"
+    login_required = "login_required"
+    csrf_failed = "csrf_failed"
+    # payments
+    gateway_not_found = "gateway_not_found"
+    gateway_unavailable = "gateway_unavailable"
+    pay_type_unsupported = "pay_type_unsupported"
+    payment_not_found = "payment_not_found"
+    order_not_payable = "order_not_payable"
 
 
 MESSAGES: dict[ErrorCode, tuple[str, str]] = {
@@ -144,6 +157,35 @@ MESSAGES: dict[ErrorCode, tuple[str, str]] = {
         "下单字段模板无效：{detail}",
         "Invalid buyer-field template: {detail}",
     ),
+    ErrorCode.email_invalid: ("邮箱地址格式不正确", "That email address is not valid"),
+    ErrorCode.password_too_weak: (
+        "密码须为 {min} 至 {max} 个字符，且不能全部相同",
+        "The password must be {min} to {max} characters and not all the same character",
+    ),
+    ErrorCode.email_taken: ("该邮箱已注册，请直接登录", "That email is already registered; log in"),
+    ErrorCode.login_failed: ("邮箱或密码错误", "Wrong email or password"),
+    ErrorCode.login_required: ("请先登录", "Please log in first"),
+    ErrorCode.csrf_failed: (
+        "表单已过期或来源无效，请刷新页面后重新提交",
+        "The form expired or did not come from this site; reload the page and submit again",
+    ),
+    ErrorCode.gateway_not_found: (
+        "支付方式 {gateway} 不存在",
+        "Payment gateway {gateway} not found",
+    ),
+    ErrorCode.gateway_unavailable: (
+        "暂无可用的在线支付方式",
+        "No online payment method is available right now",
+    ),
+    ErrorCode.pay_type_unsupported: (
+        "不支持的支付方式：{pay_type}",
+        "Unsupported payment method: {pay_type}",
+    ),
+    ErrorCode.payment_not_found: ("支付单不存在", "Payment not found"),
+    ErrorCode.order_not_payable: (
+        "订单当前状态（{status}）无需或不能支付",
+        "The order cannot be paid in its current status ({status})",
+    ),
 }
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -179,6 +221,17 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.tier_not_found: 404,
     ErrorCode.product_not_found: 404,
     ErrorCode.invalid_field_template: 422,
+    ErrorCode.email_invalid: 422,
+    ErrorCode.password_too_weak: 422,
+    ErrorCode.email_taken: 409,
+    ErrorCode.login_failed: 401,
+    ErrorCode.login_required: 401,
+    ErrorCode.csrf_failed: 403,
+    ErrorCode.gateway_not_found: 404,
+    ErrorCode.gateway_unavailable: 503,
+    ErrorCode.pay_type_unsupported: 422,
+    ErrorCode.payment_not_found: 404,
+    ErrorCode.order_not_payable: 409,
 }
 
 

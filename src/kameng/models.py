@@ -5,7 +5,9 @@ from kameng.catalog.models import Category, Product, Sku
 from kameng.idempotency.models import IdempotencyRecord
 from kameng.inventory.models import CardKey, KeyReveal, StockBatch
 from kameng.ledger.models import Account, Entry, Hold, LedgerTransaction
+from kameng.members.models import Member, MemberSession
 from kameng.orders.models import Delivery, Order, OrderEvent, OrderLine
+from kameng.payments.models import Payment, PaymentGateway, PaymentNotify
 from kameng.pipeline.models import OutboxMessage, WorkerHeartbeat
 from kameng.pricing.models import Tier, TierPrice
 from kameng.resellers.models import ApiCredential, ApiNonce, Reseller
@@ -24,10 +26,15 @@ __all__ = [
     "IdempotencyRecord",
     "KeyReveal",
     "LedgerTransaction",
+    "Member",
+    "MemberSession",
     "Order",
     "OrderEvent",
     "OrderLine",
     "OutboxMessage",
+    "Payment",
+    "PaymentGateway",
+    "PaymentNotify",
     "Procurement",
     "Product",
     "Reseller",

@@ -18,6 +18,7 @@ from kameng.container import Container
 from kameng.db import table
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
+from kameng.orders import queries as order_queries
 from kameng.orders import service as orders
 from kameng.orders.models import Order
 from kameng.orders.state import PAID_UNDELIVERED, Stage, Status, TransitionError
@@ -89,12 +90,12 @@ def _order(container: Container, order_id: int) -> Any:
 
 def _order_by_no(container: Container, order_no: str) -> Any:
     with container.db.connect(write=False) as conn:
-        return orders.find_order(conn, order_no=order_no, reseller_id=None)
+        return order_queries.find_order(conn, order_no=order_no, reseller_id=None)
 
 
 def _events(container: Container, order_id: int) -> list[tuple[str | None, str, str, str]]:
     with container.db.connect(write=False) as conn:
-        rows = orders.timeline(conn, order_id=order_id)
+        rows = order_queries.timeline(conn, order_id=order_id)
     return [(r.from_status, r.to_status, r.stage, r.reason) for r in rows]
 
 

@@ -14,6 +14,7 @@ from kameng.container import Container
 from kameng.db import table
 from kameng.inventory import service as inventory
 from kameng.money import format_cents
+from kameng.orders import queries as order_queries
 from kameng.orders import service as orders
 from kameng.orders.explain import reason_text, status_text
 
@@ -131,9 +132,9 @@ def full_order(
     with_timeline: bool = True,
     audience: str = "reseller",
 ) -> tuple[dict[str, Any], list[inventory.ClaimedKey]]:
-    line = orders.order_line(conn, order_id=order.id)
+    line = order_queries.order_line(conn, order_id=order.id)
     code = sku_codes(conn, {order.sku_id}).get(order.sku_id, "")
-    events = orders.timeline(conn, order_id=order.id) if with_timeline else None
+    events = order_queries.timeline(conn, order_id=order.id) if with_timeline else None
     body = order_body(order, line, code, language, timeline=events, audience=audience)
     keys = reveal_keys(conn, container, order=order, line=line, channel=channel, actor=actor)
     return body, keys

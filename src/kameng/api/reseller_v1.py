@@ -38,6 +38,7 @@ from kameng.idempotency import service as idem
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
 from kameng.money import format_cents
+from kameng.orders import queries as order_queries
 from kameng.orders import service as orders
 from kameng.orders.numbers import normalize_order_no
 from kameng.orders.state import Status
@@ -229,8 +230,10 @@ def _replay(
         )
     if body.get("keys") is None:
         return body, [], 0, True
-    order = orders.find_order(conn, order_no=body["order_no"], reseller_id=caller.reseller_id)
-    line = orders.order_line(conn, order_id=order.id)
+    order = order_queries.find_order(
+        conn, order_no=body["order_no"], reseller_id=caller.reseller_id
+    )
+    line = order_queries.order_line(conn, order_id=order.id)
     keys = render.reveal_keys(
         conn, container, order=order, line=line, channel="idempotent_replay", actor=caller.actor
     )
@@ -275,7 +278,7 @@ def list_orders(
         for value in (created_from, created_to):
             if value is not None and value.tzinfo is None:
                 raise KamengError(ErrorCode.invalid_request, detail="dates need a timezone")
-        rows = orders.list_orders(
+        rows = order_queries.list_orders(
             conn,
             reseller_id=caller.reseller_id,
             limit=limit + 1,
@@ -290,7 +293,7 @@ def list_orders(
         codes = render.sku_codes(conn, {r.sku_id for r in page})
         bodies = []
         for row in page:
-            line = orders.order_line(conn, order_id=row.id)
+            line = order_queries.order_line(conn, order_id=row.id)
             bodies.append(render.order_body(row, line, codes.get(row.sku_id, ""), language))
         return rows, bodies
 
@@ -305,7 +308,7 @@ def get_order(order_no: str, req: SignedDep, container: ContainerDep, language: 
     """One order with its timeline, and its keys once delivered (each reveal is recorded)."""
 
     def handler(conn: Connection, caller: Caller) -> tuple[Any, dict[str, Any], list[Any]]:
-        order = orders.find_order(
+        order = order_queries.find_order(
             conn, order_no=normalize_order_no(order_no), reseller_id=caller.reseller_id
         )
         body, keys = render.full_order(
@@ -339,7 +342,7 @@ def cancel_order(
             reason="canceled_by_buyer",
             now=container.clock(),
         )
-        order = orders.find_order(conn, order_no=normalized, reseller_id=caller.reseller_id)
+        order = order_queries.find_order(conn, order_no=normalized, reseller_id=caller.reseller_id)
         body, _ = render.full_order(
             conn, container, order, language, channel="api_cancel", actor=caller.actor
         )
@@ -367,7 +370,7 @@ def lookup_order(
     client = request.client.host if request.client else "unknown"
     request.app.state.lookup_limiter.check(client)
     with container.db.connect() as conn:
-        order = orders.lookup(
+        order = order_queries.lookup(
             conn,
             order_no=normalize_order_no(payload.order_no),
             secret=payload.secret,

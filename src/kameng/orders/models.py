@@ -24,6 +24,7 @@ class Order(Base):
     __tablename__ = "orders"
     __table_args__ = (
         Index("ix_orders_reseller_created", "reseller_id", "id"),
+        Index("ix_orders_member_created", "member_id", "id"),
         Index("ix_orders_dedupe", "dedupe_key", "created_at"),
         # The pipeline's work queue: undelivered orders by when they are next due.
         Index(
@@ -38,6 +39,8 @@ class Order(Base):
     order_no: Mapped[str] = mapped_column(String(32), unique=True)
     channel: Mapped[str] = mapped_column(String(16))  # api, storefront, console
     reseller_id: Mapped[int | None] = mapped_column(ForeignKey("resellers.id"), nullable=True)
+    # The member who placed it (storefront); guests and resellers leave it empty.
+    member_id: Mapped[int | None] = mapped_column(ForeignKey("members.id"), nullable=True)
     customer_ref: Mapped[str] = mapped_column(String(128), default="")
     sku_id: Mapped[int] = mapped_column(ForeignKey("skus.id"))
     status: Mapped[str] = mapped_column(String(24))

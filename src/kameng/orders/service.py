@@ -9,13 +9,12 @@ decrypted only after the commit and never written anywhere.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind
@@ -49,7 +48,8 @@ _RECENT_DUPLICATE = RawSQL(
     "ORDER BY id DESC LIMIT 1"
 )
 _ORDER_COLUMNS = (
-    "order_no, channel, reseller_id, customer_ref, sku_id, status, stage, reason, stage_since, "
+    "order_no, channel, reseller_id, member_id, customer_ref, sku_id, status, stage, reason, "
+    "stage_since, "
     "next_action_at, sla_deadline, attempts, version, currency, amount_cents, paid_cents, "
     "refunded_cents, hold_id, dedupe_key, lookup_hash, created_at, updated_at, delivered_at, "
     "notify_url"
@@ -90,11 +90,24 @@ _FINISH_ORDER = RawSQL(
 
 @dataclass(frozen=True, slots=True)
 class Buyer:
-    """Who pays: a reseller (API) today; members and guests arrive with payments."""
+    """Who pays, and from which wallet: a reseller (API), a member, or a guest (storefront).
 
-    reseller_id: int
+    A guest's wallet is one opened for the order when its payment arrives; `guest_key` (the
+    browser's anonymous id) keeps one guest's duplicate guard apart from another's."""
+
+    reseller_id: int | None
     wallet_id: int
     actor: str
+    member_id: int | None = None
+    guest_key: str = ""
+
+    @property
+    def owner(self) -> str:
+        if self.reseller_id is not None:
+            return str(self.reseller_id)  # the format reseller orders always had
+        if self.member_id is not None:
+            return f"m{self.member_id}"
+        return f"g{self.guest_key}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +146,9 @@ class Placed:
     keys: list[inventory.ClaimedKey] = field(default_factory=list)
 
 
-def dedupe_key(
-    *, reseller_id: int, customer_ref: str, sku_id: int, fields: dict[str, str]
-) -> bytes:
+def dedupe_key(*, owner: str, customer_ref: str, sku_id: int, fields: dict[str, str]) -> bytes:
     canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(f"{reseller_id}|{customer_ref}|{sku_id}|{canonical}".encode()).digest()
+    return hashlib.sha256(f"{owner}|{customer_ref}|{sku_id}|{canonical}".encode()).digest()
 
 
 def _guard_duplicates(conn: Connection, key: bytes, now: datetime, window_s: int) -> None:
@@ -170,8 +181,10 @@ def _event_row(
     actor: str,
     now: datetime,
     details: dict[str, Any] | None = None,
+    *,
+    late_payment: bool = False,
 ) -> dict[str, Any]:
-    move = check_transition(from_status, to_status, stage)
+    move = check_transition(from_status, to_status, stage, late_payment=late_payment)
     return {
         "order_id": order_id,
         "from_status": move.from_status.value if move.from_status else None,
@@ -184,48 +197,44 @@ def _event_row(
     }
 
 
-def place_order(
+def _insert_order(
     conn: Connection,
     *,
     buyer: Buyer,
     cmd: PlaceOrder,
-    accounts: ledger.PlatformAccounts,
+    key: bytes,
     vault: Vault,
-    policy: Policy,
+    status: Status,
+    reason: str,
+    paid_cents: int,
     now: datetime,
-) -> Placed:
+    next_action_at: datetime | None = None,
+    sla_deadline: datetime | None = None,
+) -> tuple[int, int, str, str]:
+    """Insert the order and its line: (order id, line id, order number, lookup secret)."""
     sku = cmd.sku
-    amount = cmd.unit_price_cents * cmd.quantity
-    key = dedupe_key(
-        reseller_id=buyer.reseller_id,
-        customer_ref=cmd.customer_ref,
-        sku_id=sku.id,
-        fields=cmd.fields,
-    )
-    if not cmd.confirm_duplicate:
-        _guard_duplicates(conn, key, now, policy.duplicate_window_s)
-    # No balance pre-check: the ledger's compare-and-set refuses an overdraft, and the
-    # refusal rolls back everything (keys included) in the same transaction.
     order_no = new_order_no(now)
     lookup_secret = new_lookup_secret()
     at = db_time(conn, now)
+    move = check_transition(None, status)
     order_params = {
         "order_no": order_no,
         "channel": cmd.channel,
         "reseller_id": buyer.reseller_id,
+        "member_id": buyer.member_id,
         "customer_ref": cmd.customer_ref,
         "sku_id": sku.id,
-        "status": Status.paid.value,
-        "stage": Stage.payment_received.value,
-        "reason": "paid_from_balance",
+        "status": status.value,
+        "stage": move.stage.value,
+        "reason": reason,
         "stage_since": at,
-        "next_action_at": None,
-        "sla_deadline": None,
+        "next_action_at": db_time(conn, next_action_at),
+        "sla_deadline": db_time(conn, sla_deadline),
         "attempts": 0,
         "version": 1,
         "currency": sku.currency,
-        "amount_cents": amount,
-        "paid_cents": amount,
+        "amount_cents": cmd.unit_price_cents * cmd.quantity,
+        "paid_cents": paid_cents,
         "refunded_cents": 0,
         "hold_id": None,
         "dedupe_key": key,
@@ -246,9 +255,43 @@ def place_order(
     else:
         order_id = int(_INSERT_ORDER.one(conn, order_params)[0])
         line_id = int(_INSERT_LINE.one(conn, {"order_id": order_id, **line_params})[0])
-    events = [
-        _event_row(conn, order_id, None, Status.paid, None, "paid_from_balance", buyer.actor, now)
-    ]
+    return int(order_id), int(line_id), order_no, lookup_secret
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """Where a just-paid order went first, as `start_fulfilment` decided and wrote it."""
+
+    status: Status
+    stage: Stage
+    reason: str
+    claimed: list[inventory.ClaimedKey] | None
+    next_action_at: datetime | None
+    sla_deadline: datetime | None
+    hold_id: int | None
+
+
+def start_fulfilment(
+    conn: Connection,
+    *,
+    order_id: int,
+    line_id: int,
+    sku: SkuInfo,
+    quantity: int,
+    amount: int,
+    wallet_id: int,
+    actor: str,
+    supplier_offers: bool,
+    accounts: ledger.PlatformAccounts,
+    policy: Policy,
+    now: datetime,
+    events: list[dict[str, Any]],
+) -> Started:
+    """What a paid order does first, whoever paid and however: claim own stock and deliver
+    (a sale from `wallet_id`), or hold the money and queue it behind a backorder, send it
+    upstream or hand it to staff. Writes `events` (the caller's plus these), the delivery,
+    the reveal audit and the ledger; the caller writes the order row's final state."""
+    at = db_time(conn, now)
     claimed: list[inventory.ClaimedKey] | None = None
     queued = False
     if sku.delivery_kind == DeliveryKind.card_key.value:
@@ -257,139 +300,192 @@ def place_order(
         queued = _QUEUE_EXISTS.one(conn, {"sku_id": sku.id}) is not None
         if not queued:
             claimed = inventory.claim(
-                conn, sku_id=sku.id, quantity=cmd.quantity, line_id=line_id, now=now
+                conn, sku_id=sku.id, quantity=quantity, line_id=line_id, now=now
             )
 
     next_action_at: datetime | None = None
     sla_deadline: datetime | None = None
     hold_id: int | None = None
-    with pipelined(conn):
-        if claimed is not None:
-            status, stage, reason = Status.delivered, Stage.delivered, "own_stock"
+    if claimed is not None:
+        status, stage, reason = Status.delivered, Stage.delivered, "own_stock"
+        events.append(
+            _event_row(
+                conn,
+                order_id,
+                Status.paid,
+                Status.fulfilling,
+                Stage.allocating,
+                "allocating_own_stock",
+                "system",
+                now,
+            )
+        )
+        events.append(
+            _event_row(
+                conn,
+                order_id,
+                Status.fulfilling,
+                Status.delivered,
+                None,
+                reason,
+                "system",
+                now,
+                {"keys": len(claimed)},
+            )
+        )
+        _INSERT_DELIVERY.run(
+            conn,
+            {
+                "order_line_id": line_id,
+                "source": "own_stock",
+                "key_count": len(claimed),
+                "delivered_at": at,
+            },
+        ).close()
+        inventory.record_reveal(
+            conn,
+            order_id=order_id,
+            channel="order_create",
+            actor=actor,
+            key_count=len(claimed),
+            now=now,
+        )
+    else:
+        sla_deadline = now + timedelta(seconds=sku.sla_seconds or policy.default_sla_s)
+        if sku.delivery_kind == DeliveryKind.card_key.value and (queued or not supplier_offers):
+            status, stage, reason = Status.backordered, Stage.waiting_stock, "out_of_stock"
+            next_action_at = now + timedelta(seconds=policy.backorder_retry_s)
             events.append(
                 _event_row(
                     conn,
                     order_id,
                     Status.paid,
-                    Status.fulfilling,
-                    Stage.allocating,
-                    "allocating_own_stock",
-                    "system",
-                    now,
-                )
-            )
-            events.append(
-                _event_row(
-                    conn,
-                    order_id,
-                    Status.fulfilling,
-                    Status.delivered,
-                    None,
+                    status,
+                    stage,
                     reason,
                     "system",
                     now,
-                    {"keys": len(claimed)},
+                    {"retry_at": next_action_at.isoformat()},
                 )
-            )
-            _INSERT_DELIVERY.run(
-                conn,
-                {
-                    "order_line_id": line_id,
-                    "source": "own_stock",
-                    "key_count": len(claimed),
-                    "delivered_at": at,
-                },
-            ).close()
-            inventory.record_reveal(
-                conn,
-                order_id=order_id,
-                channel="order_create",
-                actor=buyer.actor,
-                key_count=len(claimed),
-                now=now,
             )
         else:
-            sla_deadline = now + timedelta(seconds=sku.sla_seconds or policy.default_sla_s)
-            if sku.delivery_kind == DeliveryKind.card_key.value and (
-                queued or not cmd.supplier_offers
-            ):
-                status, stage, reason = Status.backordered, Stage.waiting_stock, "out_of_stock"
-                next_action_at = now + timedelta(seconds=policy.backorder_retry_s)
-                events.append(
-                    _event_row(
-                        conn,
-                        order_id,
-                        Status.paid,
-                        status,
-                        stage,
-                        reason,
-                        "system",
-                        now,
-                        {"retry_at": next_action_at.isoformat()},
-                    )
-                )
+            status = Status.fulfilling
+            if sku.delivery_kind != DeliveryKind.manual.value:
+                stage, reason = Stage.procuring, "awaiting_supplier"
+                next_action_at = now
+                notify_due(conn)
             else:
-                status = Status.fulfilling
-                if sku.delivery_kind != DeliveryKind.manual.value:
-                    stage, reason = Stage.procuring, "awaiting_supplier"
-                    next_action_at = now
-                    notify_due(conn)
-                else:
-                    stage, reason = Stage.staff_processing, "awaiting_staff"
-                    next_action_at = sla_deadline
-                events.append(
-                    _event_row(conn, order_id, Status.paid, status, stage, reason, "system", now)
-                )
+                stage, reason = Stage.staff_processing, "awaiting_staff"
+                next_action_at = sla_deadline
+            events.append(
+                _event_row(conn, order_id, Status.paid, status, stage, reason, "system", now)
+            )
 
-        _INSERT_EVENTS.run(conn, events)
-        # Ledger last: the wallet and platform rows are the most contended in the whole database.
-        if status is Status.delivered:
-            ledger.post(
-                conn,
-                kind="sale",
-                legs=[(buyer.wallet_id, -amount), (accounts.revenue_for(order_id), amount)],
-                now=now,
-                ref_type="order",
-                ref_id=order_id,
-                actor=buyer.actor,
-            )
-        else:
-            hold_id = ledger.place_hold(
-                conn,
-                wallet_id=buyer.wallet_id,
-                holds_account=accounts.holds_for(order_id),
-                amount=amount,
-                ref_type="order",
-                ref_id=order_id,
-                now=now,
-                actor=buyer.actor,
-            )
+    _INSERT_EVENTS.run(conn, events)
+    # Ledger last: the wallet and platform rows are the most contended in the whole database.
+    if status is Status.delivered:
+        ledger.post(
+            conn,
+            kind="sale",
+            legs=[(wallet_id, -amount), (accounts.revenue_for(order_id), amount)],
+            now=now,
+            ref_type="order",
+            ref_id=order_id,
+            actor=actor,
+        )
+    else:
+        hold_id = ledger.place_hold(
+            conn,
+            wallet_id=wallet_id,
+            holds_account=accounts.holds_for(order_id),
+            amount=amount,
+            ref_type="order",
+            ref_id=order_id,
+            now=now,
+            actor=actor,
+        )
+    return Started(status, stage, reason, claimed, next_action_at, sla_deadline, hold_id)
+
+
+def place_order(
+    conn: Connection,
+    *,
+    buyer: Buyer,
+    cmd: PlaceOrder,
+    accounts: ledger.PlatformAccounts,
+    vault: Vault,
+    policy: Policy,
+    now: datetime,
+) -> Placed:
+    """Place an order paid from the buyer's balance, in one transaction with its fulfilment."""
+    sku = cmd.sku
+    amount = cmd.unit_price_cents * cmd.quantity
+    key = dedupe_key(
+        owner=buyer.owner,
+        customer_ref=cmd.customer_ref,
+        sku_id=sku.id,
+        fields=cmd.fields,
+    )
+    if not cmd.confirm_duplicate:
+        _guard_duplicates(conn, key, now, policy.duplicate_window_s)
+    # No balance pre-check: the ledger's compare-and-set refuses an overdraft, and the
+    # refusal rolls back everything (keys included) in the same transaction.
+    order_id, line_id, order_no, lookup_secret = _insert_order(
+        conn,
+        buyer=buyer,
+        cmd=cmd,
+        key=key,
+        vault=vault,
+        status=Status.paid,
+        reason="paid_from_balance",
+        paid_cents=amount,
+        now=now,
+    )
+    events = [
+        _event_row(conn, order_id, None, Status.paid, None, "paid_from_balance", buyer.actor, now)
+    ]
+    with pipelined(conn):
+        started = start_fulfilment(
+            conn,
+            order_id=order_id,
+            line_id=line_id,
+            sku=sku,
+            quantity=cmd.quantity,
+            amount=amount,
+            wallet_id=buyer.wallet_id,
+            actor=buyer.actor,
+            supplier_offers=cmd.supplier_offers,
+            accounts=accounts,
+            policy=policy,
+            now=now,
+            events=events,
+        )
         _FINISH_ORDER.run(
             conn,
             {
                 "oid": order_id,
-                "status": status.value,
-                "stage": stage.value,
-                "reason": reason,
-                "hold_id": hold_id,
-                "next_action_at": db_time(conn, next_action_at),
-                "sla_deadline": db_time(conn, sla_deadline),
-                "delivered_at": at if status is Status.delivered else None,
+                "status": started.status.value,
+                "stage": started.stage.value,
+                "reason": started.reason,
+                "hold_id": started.hold_id,
+                "next_action_at": db_time(conn, started.next_action_at),
+                "sla_deadline": db_time(conn, started.sla_deadline),
+                "delivered_at": db_time(conn, now) if started.status is Status.delivered else None,
             },
         ).close()
     return Placed(
         order_id=order_id,
         order_no=order_no,
         line_id=line_id,
-        status=status,
-        stage=stage,
-        reason=reason,
+        status=started.status,
+        stage=started.stage,
+        reason=started.reason,
         amount_cents=amount,
         lookup_secret=lookup_secret,
         created_at=now,
-        next_action_at=next_action_at,
-        sla_deadline=sla_deadline,
-        keys=claimed or [],
+        next_action_at=started.next_action_at,
+        sla_deadline=started.sla_deadline,
+        keys=started.claimed or [],
     )
 
 
@@ -426,10 +522,22 @@ def transition(
     next_action_at: datetime | None = None,
     details: dict[str, Any] | None = None,
     extra_values: dict[str, Any] | None = None,
+    late_payment: bool = False,
 ) -> None:
     """Move an order by compare-and-set on its version, with its event row in the same txn."""
     from_status = Status(order.status)
-    event = _event_row(conn, order.id, from_status, to_status, stage, reason, actor, now, details)
+    event = _event_row(
+        conn,
+        order.id,
+        from_status,
+        to_status,
+        stage,
+        reason,
+        actor,
+        now,
+        details,
+        late_payment=late_payment,
+    )
     changed = conn.execute(
         _TRANSITION,
         {
@@ -492,72 +600,3 @@ def cancel_order(
         extra_values={"refunded_cents": refunded, "sla_deadline": None},
     )
     return True
-
-
-# -- reading ------------------------------------------------------------------------------------
-
-
-def find_order(conn: Connection, *, order_no: str, reseller_id: int | None) -> Any:
-    stmt = select(_order).where(_order.c.order_no == order_no)
-    if reseller_id is not None:
-        stmt = stmt.where(_order.c.reseller_id == reseller_id)
-    row = conn.execute(stmt).first()
-    if row is None:
-        raise KamengError(ErrorCode.order_not_found)
-    return row
-
-
-def order_line(conn: Connection, *, order_id: int) -> Any:
-    return conn.execute(
-        select(_line).where(_line.c.order_id == order_id).order_by(_line.c.id)
-    ).first()
-
-
-def timeline(conn: Connection, *, order_id: int) -> list[Any]:
-    return list(
-        conn.execute(select(_event).where(_event.c.order_id == order_id).order_by(_event.c.id))
-    )
-
-
-def list_orders(
-    conn: Connection,
-    *,
-    reseller_id: int,
-    limit: int,
-    before_id: int | None = None,
-    status: str | None = None,
-    sku_id: int | None = None,
-    customer_ref: str | None = None,
-    created_from: datetime | None = None,
-    created_to: datetime | None = None,
-) -> list[Any]:
-    stmt = select(_order).where(_order.c.reseller_id == reseller_id)
-    if before_id is not None:
-        stmt = stmt.where(_order.c.id < before_id)
-    if status:
-        stmt = stmt.where(_order.c.status == status)
-    if sku_id is not None:
-        stmt = stmt.where(_order.c.sku_id == sku_id)
-    if customer_ref:
-        stmt = stmt.where(_order.c.customer_ref == customer_ref)
-    if created_from is not None:
-        stmt = stmt.where(_order.c.created_at >= created_from)
-    if created_to is not None:
-        stmt = stmt.where(_order.c.created_at < created_to)
-    return list(conn.execute(stmt.order_by(_order.c.id.desc()).limit(limit)))
-
-
-def lookup(conn: Connection, *, order_no: str, secret: str, vault: Vault) -> Any | None:
-    """The order if the secret matches; None otherwise (unknown and wrong look the same)."""
-    row = conn.execute(select(_order).where(_order.c.order_no == order_no)).first()
-    expected = vault.lookup_hash(order_no, secret.strip().upper())
-    if row is None:
-        # Spend the same work as a real comparison so timing does not reveal which orders exist.
-        hmac.compare_digest(expected, expected)
-        return None
-    return row if hmac.compare_digest(bytes(row.lookup_hash), expected) else None
-
-
-def count_by_status(conn: Connection) -> dict[str, int]:
-    rows = conn.execute(select(_order.c.status, func.count()).group_by(_order.c.status))
-    return {status: int(n) for status, n in rows}

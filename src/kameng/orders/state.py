@@ -91,6 +91,16 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 
 TERMINAL: frozenset[Status] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 
+# The only way out of a terminal status: money that arrives after the order was closed. A
+# gateway can confirm a payment after the payment window (a slow bank, a lost notify found by
+# the active query); that money is never ignored. The order is fulfilled if it still can be
+# (expired -> paid), otherwise the money is credited back and the order says so (-> refunded).
+# Kept apart from TRANSITIONS so nothing but a confirmed late payment can use these doors.
+LATE_PAYMENT: dict[Status, frozenset[Status]] = {
+    Status.expired: frozenset({Status.paid, Status.refunded}),
+    Status.canceled: frozenset({Status.refunded}),
+}
+
 # Statuses in which the buyer has paid and nothing has been delivered yet: money is held.
 PAID_UNDELIVERED: frozenset[Status] = frozenset(
     {
@@ -155,17 +165,23 @@ class Move:
 
 
 def check_transition(
-    from_status: Status | None, to_status: Status, stage: Stage | None = None
+    from_status: Status | None,
+    to_status: Status,
+    stage: Stage | None = None,
+    *,
+    late_payment: bool = False,
 ) -> Move:
     """Validate a move and resolve its stage. `None` as origin means the order is being created.
 
     A new order starts as `pending_payment` (gateway) or `paid` (balance, in the same
-    transaction as the debit).
+    transaction as the debit). `late_payment` additionally opens the `LATE_PAYMENT` doors.
     """
     if from_status is None:
         if to_status not in (Status.pending_payment, Status.paid):
             raise TransitionError(from_status, to_status)
-    elif to_status not in TRANSITIONS[from_status]:
+    elif to_status not in TRANSITIONS[from_status] and not (
+        late_payment and to_status in LATE_PAYMENT.get(from_status, frozenset())
+    ):
         raise TransitionError(from_status, to_status)
     resolved = stage or DEFAULT_STAGE[to_status]
     allowed = STAGES.get(to_status, frozenset({DEFAULT_STAGE[to_status]}))

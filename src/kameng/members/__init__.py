@@ -1,0 +1,1 @@
+"""Buyer accounts (members): registration, password login, sessions and CSRF tokens."""

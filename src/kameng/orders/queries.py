@@ -1,0 +1,86 @@
+"""Reading orders: by number (scoped to a reseller or member), lines, timelines, lists, and
+the buyer's lookup by order number and secret."""
+
+from __future__ import annotations
+
+import hmac
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
+
+from kameng.db import table
+from kameng.errors import ErrorCode, KamengError
+from kameng.orders.models import Order, OrderEvent, OrderLine
+from kameng.security.crypto import Vault
+
+_order = table(Order)
+_line = table(OrderLine)
+_event = table(OrderEvent)
+
+
+def find_order(conn: Connection, *, order_no: str, reseller_id: int | None) -> Any:
+    stmt = select(_order).where(_order.c.order_no == order_no)
+    if reseller_id is not None:
+        stmt = stmt.where(_order.c.reseller_id == reseller_id)
+    row = conn.execute(stmt).first()
+    if row is None:
+        raise KamengError(ErrorCode.order_not_found)
+    return row
+
+
+def order_line(conn: Connection, *, order_id: int) -> Any:
+    return conn.execute(
+        select(_line).where(_line.c.order_id == order_id).order_by(_line.c.id)
+    ).first()
+
+
+def timeline(conn: Connection, *, order_id: int) -> list[Any]:
+    return list(
+        conn.execute(select(_event).where(_event.c.order_id == order_id).order_by(_event.c.id))
+    )
+
+
+def list_orders(
+    conn: Connection,
+    *,
+    reseller_id: int,
+    limit: int,
+    before_id: int | None = None,
+    status: str | None = None,
+    sku_id: int | None = None,
+    customer_ref: str | None = None,
+    created_from: datetime | None = None,
+    created_to: datetime | None = None,
+) -> list[Any]:
+    stmt = select(_order).where(_order.c.reseller_id == reseller_id)
+    if before_id is not None:
+        stmt = stmt.where(_order.c.id < before_id)
+    if status:
+        stmt = stmt.where(_order.c.status == status)
+    if sku_id is not None:
+        stmt = stmt.where(_order.c.sku_id == sku_id)
+    if customer_ref:
+        stmt = stmt.where(_order.c.customer_ref == customer_ref)
+    if created_from is not None:
+        stmt = stmt.where(_order.c.created_at >= created_from)
+    if created_to is not None:
+        stmt = stmt.where(_order.c.created_at < created_to)
+    return list(conn.execute(stmt.order_by(_order.c.id.desc()).limit(limit)))
+
+
+def lookup(conn: Connection, *, order_no: str, secret: str, vault: Vault) -> Any | None:
+    """The order if the secret matches; None otherwise (unknown and wrong look the same)."""
+    row = conn.execute(select(_order).where(_order.c.order_no == order_no)).first()
+    expected = vault.lookup_hash(order_no, secret.strip().upper())
+    if row is None:
+        # Spend the same work as a real comparison so timing does not reveal which orders exist.
+        hmac.compare_digest(expected, expected)
+        return None
+    return row if hmac.compare_digest(bytes(row.lookup_hash), expected) else None
+
+
+def count_by_status(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(select(_order.c.status, func.count()).group_by(_order.c.status))
+    return {status: int(n) for status, n in rows}

@@ -1,0 +1,1 @@
+"""Payments: gateway port and adapters, notifies, active queries, late payments, reconciliation."""
