@@ -8,11 +8,13 @@ import secrets
 import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -20,13 +22,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kameng import __version__, housekeeping
 from kameng.api import callbacks, reseller_v1
+from kameng.api import payments as payment_edge
 from kameng.api.responses import JSON
 from kameng.container import Container
 from kameng.errors import ErrorCode, KamengError, normalize_language
+from kameng.payments.registry import Gateways
 from kameng.pipeline.metrics import HealthCache, PipelineCollector
 from kameng.pipeline.registry import Adapters
 from kameng.ratelimit import RateLimiter
-from kameng.web import pages
+from kameng.web import account, shop
 
 log = logging.getLogger("kameng")
 
@@ -122,6 +126,7 @@ def create_app(container: Container | None = None, *, embedded_worker: bool = Fa
             if worker_task is not None:
                 await worker_task
             await app.state.adapters.aclose()
+            await app.state.gateways.aclose()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -142,12 +147,16 @@ def create_app(container: Container | None = None, *, embedded_worker: bool = Fa
     )
     app.state.container = container
     app.state.adapters = Adapters(container.vault)
+    app.state.gateways = Gateways(container.vault)
     pipeline_registry = CollectorRegistry(auto_describe=True)
     pipeline_registry.register(PipelineCollector(container))
     health = HealthCache(container)
-    app.state.lookup_limiter = RateLimiter(
-        limit=container.settings.lookup_rate_per_minute, window_s=60
+    settings = container.settings
+    app.state.lookup_limiter = RateLimiter(limit=settings.lookup_rate_per_minute, window_s=60)
+    app.state.login_limiter = RateLimiter(
+        limit=settings.login_failures_per_window, window_s=settings.login_window_s
     )
+    app.state.register_limiter = RateLimiter(limit=settings.registrations_per_hour, window_s=3600)
 
     @app.exception_handler(KamengError)
     async def _kameng_error(request: Request, exc: KamengError) -> JSON:
@@ -186,7 +195,12 @@ def create_app(container: Container | None = None, *, embedded_worker: bool = Fa
     app.include_router(reseller_v1.router)
     app.include_router(reseller_v1.public)
     app.include_router(callbacks.router)
-    app.include_router(pages.router)
+    app.include_router(payment_edge.router)
+    app.include_router(shop.router)
+    app.include_router(account.router)
+    app.mount(
+        "/static", StaticFiles(directory=Path(shop.__file__).parent / "static"), name="static"
+    )
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> Response:
@@ -198,9 +212,5 @@ def create_app(container: Container | None = None, *, embedded_worker: bool = Fa
     def metrics() -> Response:
         body = generate_latest() + generate_latest(pipeline_registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
-    def home(request: Request) -> Response:
-        return pages.home(request, container)
 
     return app

@@ -61,6 +61,22 @@ class Settings(BaseSettings):
     supplier_poll_s: int = Field(default=30, description="First poll after a supplier accepts")
     supplier_retry_cap_s: int = Field(default=300, description="Longest wait between retries")
     supplier_balance_check_s: int = 60
+    # Payments and the storefront (issue: payments).
+    payment_window_s: int = Field(default=900, description="How long a buyer has to pay")
+    payment_first_check_s: int = Field(
+        default=60, description="First active query of a payment nobody told us about"
+    )
+    payment_check_cap_s: int = Field(
+        default=300, description="Longest wait between queries while the window is open"
+    )
+    cookie_secure: bool = Field(
+        default=False, description="Mark session cookies Secure (set it behind HTTPS)"
+    )
+    login_failures_per_window: int = Field(
+        default=5, description="Failed logins per email or IP before 429"
+    )
+    login_window_s: int = 300
+    registrations_per_hour: int = Field(default=10, description="Per IP")
 
     @property
     def callback_base_url(self) -> str:

@@ -13,17 +13,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from kameng.catalog import service as catalog
+from kameng.catalog.models import Sku
 from kameng.catalog.service import SkuInfo
 from kameng.config import Settings
 from kameng.db import Database, utcnow
 from kameng.idempotency.service import InFlight
 from kameng.inventory.service import KeyDecryptor
 from kameng.ledger import service as ledger
+from kameng.orders.checkout import PaymentDeps
 from kameng.orders.service import Policy
+from kameng.payments.service import CheckPolicy
 from kameng.pricing import service as pricing
 from kameng.resellers.service import Authenticator
 from kameng.security.crypto import Vault
@@ -122,6 +126,31 @@ class Container:
         value = self._cached("sku", code, load)
         assert isinstance(value, SkuInfo)
         return value
+
+    def sku_by_id(self, sku_id: int, *, conn: Connection | None = None) -> SkuInfo:
+        """SKU facts by id (orders store the id), through the same cache as `sku`."""
+
+        def load() -> str:
+            with self._read_session(conn) as session:
+                return str(session.execute(select(Sku.code).where(Sku.id == sku_id)).scalar_one())
+
+        code = self._cached("sku_code", sku_id, load)
+        assert isinstance(code, str)
+        return self.sku(code, conn=conn)
+
+    @property
+    def payment_deps(self) -> PaymentDeps:
+        return PaymentDeps(
+            accounts=self.accounts,
+            policy=self.policy,
+            sku=lambda conn, sku_id: self.sku_by_id(sku_id, conn=conn),
+            has_offers=lambda conn, sku_id: self.has_offers(sku_id, conn=conn),
+        )
+
+    @property
+    def payment_checks(self) -> CheckPolicy:
+        s = self.settings
+        return CheckPolicy(first_check_s=s.payment_first_check_s, cap_s=s.payment_check_cap_s)
 
     def unit_price(self, *, tier_id: int, sku_id: int, conn: Connection | None = None) -> int:
         def load() -> int:

@@ -21,6 +21,8 @@ from kameng.container import Container
 from kameng.inventory import service as inventory
 from kameng.inventory.flows import import_lines
 from kameng.ledger import service as ledger
+from kameng.members import service as members
+from kameng.payments import service as payments
 from kameng.resellers import service as resellers
 from kameng.resellers.models import Reseller
 from kameng.resellers.service import IssuedCredential
@@ -189,6 +191,54 @@ def seed_supplier(container: Container) -> None:
     container.invalidate_caches()
 
 
+DEMO_GATEWAY = "demo-epay"
+DEMO_GATEWAY_PORT = 8702
+DEMO_GATEWAY_MERCHANT = ("1001", "demo-epay-key")  # the gateway simulator's published demo pair
+DEMO_MEMBER = ("buyer@kameng.test", "kameng-demo")
+DEMO_MEMBER_BALANCE_CENTS = 10_000  # ¥100.00
+
+
+def seed_gateway(container: Container) -> None:
+    """The bundled EPay simulator as the demo's payment gateway (`kameng serve --demo-gateway`)."""
+    with container.db.connect() as conn:
+        if any(g.code == DEMO_GATEWAY for g in payments.list_gateways(conn)):
+            return
+        payments.add_gateway(
+            conn,
+            vault=container.vault,
+            code=DEMO_GATEWAY,
+            name="易支付（演示网关）",
+            base_url=f"http://127.0.0.1:{DEMO_GATEWAY_PORT}",
+            merchant_id=DEMO_GATEWAY_MERCHANT[0],
+            key=DEMO_GATEWAY_MERCHANT[1],
+            pay_types="alipay,wxpay",
+            now=container.clock(),
+        )
+
+
+def seed_member(container: Container) -> None:
+    """A demo buyer account with a little balance, so both ways of paying can be tried."""
+    email, password = DEMO_MEMBER
+    with container.db.connect() as conn:
+        member_id = members.find_member(conn, email=email)
+        if member_id is None:
+            member_id = members.register(
+                conn, email=email, password=password, language="zh-CN", now=container.clock()
+            )
+        wallet = ledger.wallet_account(conn, owner_type="member", owner_id=member_id)
+        available, _ = ledger.balances(conn, wallet_id=wallet)
+        if available < DEMO_MEMBER_BALANCE_CENTS:
+            ledger.topup(
+                conn,
+                wallet_id=wallet,
+                accounts=container.accounts,
+                amount=DEMO_MEMBER_BALANCE_CENTS - available,
+                now=container.clock(),
+                actor="system:demo",
+                memo="demo member balance",
+            )
+
+
 def seed(container: Container, *, keys_per_sku: int = 200) -> IssuedCredential:
     container.bootstrap()
     with container.db.unit_of_work() as session:
@@ -236,6 +286,8 @@ def seed(container: Container, *, keys_per_sku: int = 200) -> IssuedCredential:
                     actor="system:demo",
                 )
     seed_supplier(container)
+    seed_gateway(container)
+    seed_member(container)
     with container.db.unit_of_work() as session:
         exists = session.scalar(select(Reseller.id).where(Reseller.name == DEMO_RESELLER))
         if exists:

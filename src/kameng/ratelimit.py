@@ -23,22 +23,40 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def check(self, key: str) -> None:
+        """Count a hit for `key`, refusing it (429) once the window is full."""
+        self._hit(key, record=True)
+
+    def ensure_allowed(self, key: str) -> None:
+        """Refuse (429) if `key` already used its window, without counting this call: for
+        limits on failures only (a login counts only when it fails)."""
+        self._hit(key, record=False)
+
+    def record(self, key: str) -> None:
+        with self._lock:
+            self._window(key, time.monotonic()).append(time.monotonic())
+
+    def _window(self, key: str, now: float) -> deque[float]:
+        hits = self._hits.get(key)
+        if hits is None:
+            if len(self._hits) >= self.max_keys:
+                self._evict(now)
+            hits = self._hits[key] = deque()
+        while hits and hits[0] <= now - self.window_s:
+            hits.popleft()
+        return hits
+
+    def _hit(self, key: str, *, record: bool) -> None:
         now = time.monotonic()
         with self._lock:
-            hits = self._hits.get(key)
-            if hits is None:
-                if len(self._hits) >= self.max_keys:
-                    self._evict(now)
-                hits = self._hits[key] = deque()
-            while hits and hits[0] <= now - self.window_s:
-                hits.popleft()
+            hits = self._window(key, now)
             if len(hits) >= self.limit:
                 oldest = hits[0] if hits else now
                 retry = max(1, int(oldest + self.window_s - now) + 1)
                 raise KamengError(
                     ErrorCode.rate_limited, retry_after=retry, extra={"retry_after": retry}
                 )
-            hits.append(now)
+            if record:
+                hits.append(now)
 
     def _evict(self, now: float) -> None:
         stale = [k for k, v in self._hits.items() if not v or v[-1] <= now - self.window_s]

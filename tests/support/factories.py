@@ -158,11 +158,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(container: Container) -> Iterator[str]:
+def live_server(container: Container, *, port: int | None = None) -> Iterator[str]:
     """The real app on a real loopback port (uvicorn in a thread); yields its base URL."""
     from kameng.app import create_app
 
-    port = free_port()
+    port = port or free_port()
     config = uvicorn.Config(
         create_app(container),
         host="127.0.0.1",

@@ -12,6 +12,8 @@ from rich.table import Table
 
 from kameng.cli import (  # noqa: F401  (register their commands)
     catalog,
+    gateway_sim,
+    payments,
     resellers,
     stock,
     supplier_sim,
@@ -65,6 +67,9 @@ def serve(
     demo_supplier: Annotated[
         bool, typer.Option(help="Also run the demo supplier simulator (set up by `kameng demo`)")
     ] = False,
+    demo_gateway: Annotated[
+        bool, typer.Option(help="Also run the demo EPay gateway simulator (see `kameng demo`)")
+    ] = False,
 ) -> None:
     """Run the platform: web + API and (by default) one pipeline worker in the same process.
     Processes share SQLite safely through a file lock; one of them claims due orders."""
@@ -76,6 +81,8 @@ def serve(
     settings = get_settings()
     if demo_supplier:
         _start_demo_supplier(settings)
+    if demo_gateway:
+        _start_demo_gateway()
     uvicorn.run(
         "kameng.asgi:app",
         host=host or settings.host,
@@ -105,6 +112,16 @@ def _start_demo_supplier(settings: Any) -> None:
     console.print(f"demo supplier simulator on {server.url} (control API: {server.url}/_sim/state)")
 
 
+def _start_demo_gateway() -> None:
+    from kameng.demo import DEMO_GATEWAY_MERCHANT, DEMO_GATEWAY_PORT
+    from kameng.payments.gateway_sim.runner import start_gateway_sim
+
+    sim = start_gateway_sim(
+        merchants={DEMO_GATEWAY_MERCHANT[0]: DEMO_GATEWAY_MERCHANT[1]}, port=DEMO_GATEWAY_PORT
+    )
+    console.print(f"demo payment gateway (EPay simulator) on {sim.url} (control API: /_sim/state)")
+
+
 @app.command()
 def web(
     host: Annotated[str | None, typer.Option(help="Bind address")] = None,
@@ -112,7 +129,15 @@ def web(
     workers: Annotated[int, typer.Option(help="Web processes")] = 1,
 ) -> None:
     """Run only the web/API processes (run `kameng worker` separately)."""
-    serve(host=host, port=port, workers=workers, access_log=False, worker=False)
+    serve(
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        worker=False,
+        demo_supplier=False,
+        demo_gateway=False,
+    )
 
 
 @app.command()

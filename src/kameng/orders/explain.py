@@ -105,6 +105,33 @@ REASON_TEXT: dict[str, tuple[str, str]] = {
     ),
     "canceled_by_buyer": ("买家取消，款项已退回余额", "Canceled by buyer; refunded to balance"),
     "canceled_by_staff": ("客服取消，款项已退回余额", "Canceled by staff; refunded to balance"),
+    "awaiting_payment": (
+        "等待付款，请在截止时间前完成支付；付款后自动发货",
+        "Waiting for your payment before the deadline; it ships automatically once paid",
+    ),
+    "paid_by_gateway": ("在线支付已到账", "Online payment received"),
+    "payment_timeout": (
+        "超时未付款，订单已关闭；如您已付款，款项到账后会自动补发或退回",
+        "Not paid in time, so the order closed; if you did pay, the money is applied "
+        "automatically when it arrives",
+    ),
+    "late_payment_accepted": (
+        "订单关闭后才收到付款，库存仍在，已继续发货",
+        "Payment arrived after the order closed; stock was still there, so it ships",
+    ),
+    "late_payment_credited": (
+        "订单关闭后才收到付款，已无法发货，款项已退回您的余额（游客订单由客服原路退回）",
+        "Payment arrived after the order closed and it can no longer ship; the money is "
+        "credited to your balance (for a guest order, staff pay it back)",
+    ),
+    "payment_amount_mismatch": (
+        "收到的付款金额与订单不符，已暂停发货并转人工核对",
+        "The amount paid differs from the order; it will not ship until staff check it",
+    ),
+    "payment_currency_mismatch": (
+        "收到的付款币种与订单不符，已暂停发货并转人工核对",
+        "The payment's currency differs from the order's; staff will check it",
+    ),
 }
 
 

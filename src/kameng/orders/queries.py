@@ -84,3 +84,14 @@ def lookup(conn: Connection, *, order_no: str, secret: str, vault: Vault) -> Any
 def count_by_status(conn: Connection) -> dict[str, int]:
     rows = conn.execute(select(_order.c.status, func.count()).group_by(_order.c.status))
     return {status: int(n) for status, n in rows}
+
+
+def list_member_orders(conn: Connection, *, member_id: int, limit: int) -> list[Any]:
+    """A member's own orders, newest first (the query is keyed by the member: isolation)."""
+    stmt = (
+        select(_order)
+        .where(_order.c.member_id == member_id)
+        .order_by(_order.c.id.desc())
+        .limit(limit)
+    )
+    return list(conn.execute(stmt))

@@ -70,7 +70,7 @@ _INSERT_LINE = RawSQL(
     "INSERT INTO order_lines (order_id, sku_id, quantity, unit_price_cents, fields) "
     "VALUES (:order_id, :sku_id, :quantity, :unit_price_cents, :fields) RETURNING id"
 )
-_INSERT_EVENTS = MultiInsert(
+INSERT_EVENTS = MultiInsert(
     "order_events",
     ("order_id", "from_status", "to_status", "stage", "reason", "actor", "details", "at"),
 )
@@ -151,7 +151,7 @@ def dedupe_key(*, owner: str, customer_ref: str, sku_id: int, fields: dict[str, 
     return hashlib.sha256(f"{owner}|{customer_ref}|{sku_id}|{canonical}".encode()).digest()
 
 
-def _guard_duplicates(conn: Connection, key: bytes, now: datetime, window_s: int) -> None:
+def guard_duplicates(conn: Connection, key: bytes, now: datetime, window_s: int) -> None:
     if conn.dialect.name == "postgresql":
         # Two clicks of the same button arrive together: serialise them on the guard's key so
         # the second sees the first instead of both passing the check.
@@ -171,7 +171,7 @@ def _guard_duplicates(conn: Connection, key: bytes, now: datetime, window_s: int
         )
 
 
-def _event_row(
+def event_row(
     conn: Connection,
     order_id: int,
     from_status: Status | None,
@@ -197,7 +197,7 @@ def _event_row(
     }
 
 
-def _insert_order(
+def insert_order(
     conn: Connection,
     *,
     buyer: Buyer,
@@ -309,7 +309,7 @@ def start_fulfilment(
     if claimed is not None:
         status, stage, reason = Status.delivered, Stage.delivered, "own_stock"
         events.append(
-            _event_row(
+            event_row(
                 conn,
                 order_id,
                 Status.paid,
@@ -321,7 +321,7 @@ def start_fulfilment(
             )
         )
         events.append(
-            _event_row(
+            event_row(
                 conn,
                 order_id,
                 Status.fulfilling,
@@ -356,7 +356,7 @@ def start_fulfilment(
             status, stage, reason = Status.backordered, Stage.waiting_stock, "out_of_stock"
             next_action_at = now + timedelta(seconds=policy.backorder_retry_s)
             events.append(
-                _event_row(
+                event_row(
                     conn,
                     order_id,
                     Status.paid,
@@ -378,10 +378,10 @@ def start_fulfilment(
                 stage, reason = Stage.staff_processing, "awaiting_staff"
                 next_action_at = sla_deadline
             events.append(
-                _event_row(conn, order_id, Status.paid, status, stage, reason, "system", now)
+                event_row(conn, order_id, Status.paid, status, stage, reason, "system", now)
             )
 
-    _INSERT_EVENTS.run(conn, events)
+    INSERT_EVENTS.run(conn, events)
     # Ledger last: the wallet and platform rows are the most contended in the whole database.
     if status is Status.delivered:
         ledger.post(
@@ -427,10 +427,10 @@ def place_order(
         fields=cmd.fields,
     )
     if not cmd.confirm_duplicate:
-        _guard_duplicates(conn, key, now, policy.duplicate_window_s)
+        guard_duplicates(conn, key, now, policy.duplicate_window_s)
     # No balance pre-check: the ledger's compare-and-set refuses an overdraft, and the
     # refusal rolls back everything (keys included) in the same transaction.
-    order_id, line_id, order_no, lookup_secret = _insert_order(
+    order_id, line_id, order_no, lookup_secret = insert_order(
         conn,
         buyer=buyer,
         cmd=cmd,
@@ -442,7 +442,7 @@ def place_order(
         now=now,
     )
     events = [
-        _event_row(conn, order_id, None, Status.paid, None, "paid_from_balance", buyer.actor, now)
+        event_row(conn, order_id, None, Status.paid, None, "paid_from_balance", buyer.actor, now)
     ]
     with pipelined(conn):
         started = start_fulfilment(
@@ -526,7 +526,7 @@ def transition(
 ) -> None:
     """Move an order by compare-and-set on its version, with its event row in the same txn."""
     from_status = Status(order.status)
-    event = _event_row(
+    event = event_row(
         conn,
         order.id,
         from_status,
@@ -555,7 +555,7 @@ def transition(
     ).rowcount
     if changed != 1:
         raise KamengError(ErrorCode.concurrent_update)
-    _INSERT_EVENTS.run(conn, [event])
+    INSERT_EVENTS.run(conn, [event])
 
 
 def cancel_order(

@@ -48,7 +48,14 @@ class Stage(StrEnum):
 
 # Which statuses may follow which. Terminal statuses have no successors.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.pending_payment: frozenset({Status.paid, Status.expired, Status.canceled}),
+    Status.pending_payment: frozenset(
+        {
+            Status.pending_payment,  # a new reason: e.g. a payment that needs staff to check it
+            Status.paid,
+            Status.expired,
+            Status.canceled,
+        }
+    ),
     Status.paid: frozenset(
         {
             Status.screening,

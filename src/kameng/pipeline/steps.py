@@ -22,7 +22,7 @@ from kameng.catalog.models import DeliveryKind
 from kameng.db import table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
-from kameng.orders import fulfil
+from kameng.orders import checkout, fulfil
 from kameng.orders.models import OrderEvent
 from kameng.orders.state import TERMINAL, Stage, Status
 from kameng.pipeline import apply, outbox
@@ -202,6 +202,10 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
             return Plan("done", "refunded")
         fulfil.reschedule(conn, order=order, next_action_at=order.sla_deadline or now)
         return Plan("done", "waiting_staff")
+
+    if status is Status.pending_payment:
+        expired = checkout.expire_unpaid(conn, order=order, now=now)
+        return Plan("done", "payment_expired" if expired else "awaiting_payment")
 
     if status is Status.needs_buyer_action:
         if overdue:

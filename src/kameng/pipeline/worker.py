@@ -28,7 +28,8 @@ from sqlalchemy.engine import Connection
 
 from kameng.container import Container
 from kameng.db import RawSQL, db_time, table
-from kameng.pipeline import outbox, wakeup
+from kameng.payments.registry import Gateways
+from kameng.pipeline import outbox, payment_checks, wakeup
 from kameng.pipeline.apply import Timing
 from kameng.pipeline.metrics import STEP_SECONDS, STEPS
 from kameng.pipeline.models import WorkerHeartbeat
@@ -38,6 +39,9 @@ from kameng.suppliers import service as suppliers
 
 log = logging.getLogger("kameng.worker")
 _beat = table(WorkerHeartbeat)
+
+# Payments due for an active query are looked for at most this often (a cheap indexed read).
+PAYMENT_CHECK_EVERY_S = 1.0
 
 _CLAIM_PG = RawSQL(
     "UPDATE orders SET next_action_at = :lease WHERE id IN ("
@@ -78,6 +82,7 @@ class Worker:
     def __post_init__(self) -> None:
         s = self.container.settings
         self.adapters = Adapters(self.container.vault)
+        self.gateways = Gateways(self.container.vault)
         self.ctx = StepContext(
             run=self.container.writer.run_async,
             vault=self.container.vault,
@@ -138,10 +143,11 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         s = self.container.settings
         http = httpx.AsyncClient(timeout=10.0)
-        last_beat = last_balance = 0.0
+        last_beat = last_balance = last_payments = 0.0
         sem_free = s.worker_concurrency
         outbox_task: asyncio.Task[Any] | None = None
         balance_task: asyncio.Task[Any] | None = None
+        payments_task: asyncio.Task[Any] | None = None
         log.info("worker %s started", self.worker_id)
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -173,6 +179,13 @@ class Worker:
                         balance_task = asyncio.create_task(self.check_balances())
                 if outbox_task is None or outbox_task.done():
                     outbox_task = asyncio.create_task(outbox.send_due(self.container, http))
+                if (payments_task is None or payments_task.done()) and (
+                    mono - last_payments >= PAYMENT_CHECK_EVERY_S
+                ):
+                    last_payments = mono
+                    payments_task = asyncio.create_task(
+                        payment_checks.check_due(self.container, self.gateways)
+                    )
                 free = sem_free - len(self._inflight)
                 claimed: list[int] = []
                 if free > 0:
@@ -198,13 +211,14 @@ class Worker:
                 with contextlib.suppress(BaseException):
                     await listener
             await self._drain()
-            for side_task in (outbox_task, balance_task):
+            for side_task in (outbox_task, balance_task, payments_task):
                 if side_task is not None:
                     side_task.cancel()
                     with contextlib.suppress(BaseException):
                         await side_task
             await http.aclose()
             await self.adapters.aclose()
+            await self.gateways.aclose()
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._beat, "stopped")
             if self._lock_file is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping
 
 UNSIGNED = frozenset({"sign", "sign_type"})
@@ -51,13 +52,14 @@ def format_money(cents: int) -> str:
     return f"{sign_}{cents // 100}.{cents % 100:02d}"
 
 
+_MONEY = re.compile(r"^(0|[1-9][0-9]{0,15})(?:\.([0-9]{1,2}))?$", re.ASCII)
+
+
 def parse_money(text: str) -> int | None:
-    """ "12.34" -> 1234; None for anything that is not a plain non-negative amount with at most
-    two decimals (an amount we cannot read exactly is never taken as a payment)."""
-    text = text.strip()
-    if not text or len(text) > 20:
+    """ "12.34" -> 1234; None for anything that is not a plain non-negative amount in ASCII
+    digits with at most two decimals (an amount we cannot read exactly is never a payment)."""
+    match = _MONEY.match(text.strip()) if len(text) <= 24 else None
+    if match is None:
         return None
-    whole, _, frac = text.partition(".")
-    if not whole.isdigit() or (frac and (not frac.isdigit() or len(frac) > 2)):
-        return None
+    whole, frac = match.group(1), match.group(2) or ""
     return int(whole) * 100 + int((frac + "00")[:2])

@@ -1,0 +1,210 @@
+"""`kameng payments …`: payment gateways, payments, and reconciliation against the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from datetime import timedelta
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from kameng.cli.base import ActorOpt, _actor, _container, app, console, err_console
+from kameng.errors import ErrorCode, KamengError
+
+payments_app = typer.Typer(
+    help="Payment gateways, payments and reconciliation", no_args_is_help=True
+)
+app.add_typer(payments_app, name="payments")
+
+
+@payments_app.command("gateway-add")
+def gateway_add(
+    code: Annotated[str, typer.Argument(help="Short name, used in notify URLs")],
+    url: Annotated[str, typer.Option(help="The gateway's base URL (where submit.php lives)")],
+    pid: Annotated[str, typer.Option(help="Our merchant id (EPay pid)")],
+    key: Annotated[
+        str | None, typer.Option(help="Our merchant key (default: $KAMENG_GATEWAY_KEY)")
+    ] = None,
+    name: Annotated[str | None, typer.Option()] = None,
+    currency: Annotated[str, typer.Option(help="The merchant account's currency")] = "CNY",
+    pay_types: Annotated[str, typer.Option(help="Comma list: alipay,wxpay,qqpay")] = "alipay,wxpay",
+    actor: ActorOpt = None,
+) -> None:
+    """Connect an EPay (易支付) gateway. The key is stored sealed (AES-GCM), never in clear."""
+    from kameng.audit import service as audit
+    from kameng.payments import service as payments
+
+    key = key or os.environ.get("KAMENG_GATEWAY_KEY")
+    if not key:
+        raise KamengError(ErrorCode.invalid_request, detail="--key or KAMENG_GATEWAY_KEY")
+    container = _container()
+    with container.db.unit_of_work() as session:
+        gateway_id = payments.add_gateway(
+            session.connection(),
+            vault=container.vault,
+            code=code,
+            name=name or code,
+            base_url=url,
+            merchant_id=pid,
+            key=key,
+            currency=currency,
+            pay_types=pay_types,
+            now=container.clock(),
+        )
+        audit.record(
+            session,
+            actor=_actor(actor),
+            action="gateway.add",
+            target_type="payment_gateway",
+            target_id=str(gateway_id),
+            details={"code": code, "url": url, "pid": pid},
+        )
+    base = container.settings.callback_base_url
+    console.print(f"gateway {code} added; notify URL: {base}/pay/notify/{code}")
+
+
+@payments_app.command("gateways")
+def gateways() -> None:
+    """List the payment gateways."""
+    from kameng.payments import service as payments
+
+    container = _container()
+    with container.db.connect(write=False) as conn:
+        rows = payments.list_gateways(conn)
+    table = Table("code", "kind", "url", "pid", "currency", "types", "enabled")
+    for g in rows:
+        table.add_row(
+            g.code, g.kind, g.base_url, g.merchant_id, g.currency, g.pay_types, str(g.enabled)
+        )
+    console.print(table)
+
+
+@payments_app.command("list")
+def list_payments(
+    state: Annotated[str | None, typer.Option(help="pending | paid | flagged | closed")] = None,
+    limit: Annotated[int, typer.Option()] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Recent payments (flagged ones need a person: amount or currency differed)."""
+    from kameng.money import format_cents
+    from kameng.payments import service as payments
+
+    container = _container()
+    with container.db.connect(write=False) as conn:
+        rows = payments.list_payments(conn, state=state, limit=limit)
+    items = [
+        {
+            "payment_no": r.payment_no,
+            "purpose": r.purpose,
+            "amount": format_cents(r.amount_cents),
+            "state": r.state,
+            "reason": r.reason,
+            "reported": format_cents(r.reported_cents) if r.reported_cents is not None else None,
+            "checks": r.checks,
+            "created_at": r.created_at.isoformat(),
+        }
+        for r in rows
+    ]
+    if as_json:
+        console.print_json(json.dumps(items))
+        return
+    table = Table(*items[0].keys()) if items else Table("payment_no")
+    for item in items:
+        table.add_row(*(str(v) if v is not None else "" for v in item.values()))
+    console.print(table)
+
+
+@payments_app.command("reconcile")
+def reconcile(
+    days: Annotated[int, typer.Option(help="Payments opened in the last N days")] = 7,
+    gateway: Annotated[str | None, typer.Option(help="Only this gateway")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Compare each gateway's records (its query API) with the ledger; list every mismatch.
+    Exit status 1 when there is any."""
+    from kameng.money import format_cents
+    from kameng.payments import service as payments
+    from kameng.payments.reconcile import Mismatch, reconcile_gateway
+    from kameng.payments.registry import build_gateway
+
+    container = _container()
+    until = container.clock()
+    since = until - timedelta(days=days)
+
+    def read(fn: Any) -> Any:
+        with container.db.connect(write=False) as conn:
+            return fn(conn)
+
+    rows = read(payments.list_gateways)
+    if gateway:
+        rows = [r for r in rows if r.code == gateway]
+        if not rows:
+            raise KamengError(ErrorCode.gateway_not_found, gateway=gateway)
+
+    async def run() -> tuple[int, list[Mismatch]]:
+        checked, found = 0, []
+        for row in rows:
+            adapter = build_gateway(row, container.vault)
+            try:
+                report = await reconcile_gateway(
+                    gateway=row,
+                    adapter=adapter,
+                    read=read,
+                    clearing=container.accounts.gateway_clearing,
+                    since=since,
+                    until=until,
+                )
+            finally:
+                await adapter.aclose()
+            checked += report.checked
+            found.extend(report.mismatches)
+        return checked, found
+
+    checked, found = asyncio.run(run())
+    if as_json:
+        console.print_json(
+            json.dumps(
+                {
+                    "checked": checked,
+                    "mismatches": [
+                        {
+                            "kind": m.kind.value,
+                            "payment_no": m.payment_no,
+                            "gateway": m.gateway,
+                            "ours_state": m.ours_state,
+                            "recorded": format_cents(m.recorded_cents),
+                            "gateway_paid": format_cents(m.gateway_cents)
+                            if m.gateway_cents is not None
+                            else None,
+                            "detail": m.detail,
+                        }
+                        for m in found
+                    ],
+                }
+            )
+        )
+    else:
+        console.print(
+            f"checked {checked} trade(s) on {len(rows)} gateway(s); {len(found)} mismatch(es)"
+        )
+        if found:
+            table = Table(
+                "kind", "payment_no", "gateway", "ours", "recorded", "gateway paid", "detail"
+            )
+            for m in found:
+                table.add_row(
+                    m.kind.value,
+                    m.payment_no,
+                    m.gateway,
+                    m.ours_state,
+                    format_cents(m.recorded_cents),
+                    format_cents(m.gateway_cents) if m.gateway_cents is not None else "-",
+                    m.detail,
+                )
+            console.print(table)
+    if found:
+        err_console.print("reconciliation found mismatches")
+        raise typer.Exit(1)

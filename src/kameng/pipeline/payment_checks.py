@@ -1,0 +1,57 @@
+"""Active queries of payments nobody told us about (a dropped or late notify).
+
+Each due payment is leased (its `next_check_at` pushed forward in the claiming transaction),
+the gateway is asked with no transaction open, and the answer is applied in a short one —
+the same plan/call/apply shape as a procurement step, so a crash anywhere leaves the payment
+due again and a paid trade is credited exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from kameng.container import Container
+from kameng.payments import service as payments
+from kameng.payments.port import GatewayRecord, RecordState
+from kameng.payments.registry import Gateways
+
+log = logging.getLogger("kameng.payments")
+
+LEASE_S = 60
+
+
+async def check_due(container: Container, gateways: Gateways, *, limit: int = 20) -> int:
+    """Query what is due; returns how many payments were asked about."""
+    now = container.clock()
+
+    def claim(conn: Connection) -> list[tuple[Any, Any]]:
+        rows = payments.claim_due_checks(conn, now=now, lease_s=LEASE_S, limit=limit)
+        return [(r, payments.get_gateway(conn, gateway_id=r.gateway_id)) for r in rows]
+
+    batch = await container.writer.run_async(claim)
+
+    async def one(row: Any, gateway: Any) -> None:
+        try:
+            record = await gateways.get(gateway).query(row.payment_no)
+        except Exception as exc:  # an adapter bug must not stop the other checks
+            log.warning("payment query failed: %s", type(exc).__name__)
+            record = GatewayRecord(RecordState.unreachable, payment_no=row.payment_no)
+        await container.writer.run_async(
+            functools.partial(
+                payments.apply_query,
+                gateway=gateway,
+                payment_no=row.payment_no,
+                record=record,
+                deps=container.payment_deps,
+                checks=container.payment_checks,
+                now=container.clock(),
+            )
+        )
+
+    await asyncio.gather(*(one(r, g) for r, g in batch))
+    return len(batch)

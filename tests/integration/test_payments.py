@@ -1,0 +1,488 @@
+"""Payments end to end: real app, real EPay gateway simulator, real HTTP both ways.
+
+Each notify negative checks its exact outcome (the `payment_notifies` row and the answer the
+gateway gets), that nothing was fulfilled or credited where nothing should be, and that the
+books verify clean afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.integration._helpers import run_cli
+from tests.support import factories
+from tests.support.pipeline import WorkerThread, wait_for
+from tests.support.shop import (
+    GATEWAY,
+    KEY,
+    PID,
+    ShopRig,
+    csrf_of,
+    place_gateway_order,
+    shop_rig,
+    submit_to_gateway,
+)
+
+from kameng.catalog.models import DeliveryKind
+from kameng.ledger import service as ledger
+from kameng.members import service as members
+from kameng.orders import queries as order_queries
+from kameng.security import epay
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    with shop_rig(request.param, tmp_path) as r:
+        yield r
+
+
+def order(rig: ShopRig, order_no: str) -> Any:
+    with rig.container.db.connect(write=False) as conn:
+        return order_queries.find_order(conn, order_no=order_no, reseller_id=None)
+
+
+def test_guest_pays_at_the_gateway_and_gets_keys(rig: ShopRig) -> None:
+    sku = factories.add_product(rig.container, stock=3)
+    client = rig.browser()
+    order_no = place_gateway_order(client, sku)
+    assert order(rig, order_no).status == "pending_payment"
+    cashier = submit_to_gateway(client, order_no)
+    assert cashier.status_code == 200 and 'id="pay"' in cashier.text
+    paid = httpx.post(f"{rig.gateway.url}/_sim/trades/{order_no}/pay", json={}, timeout=10)
+    assert paid.status_code == 200, paid.text
+    wait_for(lambda: order(rig, order_no).status == "delivered")
+    page = client.get(f"/orders/{order_no}")
+    assert 'id="keys"' in page.text
+    assert rig.payment(order_no).state == "paid"
+    assert ("notify", "fulfilment_started") in rig.statements(order_no)
+    factories.assert_books_clean(rig.container)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def sim(rig: ShopRig, method: str, path: str, **body: Any) -> Any:
+    response = httpx.request(method, f"{rig.gateway.url}{path}", json=body or None, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def notify(rig: ShopRig, key: str = KEY, **params: Any) -> str:
+    """Send a notify as a gateway would (signed with `key`); returns our answer."""
+    base = {
+        "pid": PID,
+        "trade_no": "202611260000001",
+        "type": "alipay",
+        "name": "test",
+        "trade_status": "TRADE_SUCCESS",
+    }
+    base.update(params)
+    signed = epay.signed(base, key)
+    response = httpx.get(f"{rig.url}/pay/notify/{GATEWAY}", params=signed, timeout=10)
+    assert response.status_code == 200
+    return response.text
+
+
+def pending_order(rig: ShopRig, sku: str) -> tuple[httpx.Client, str]:
+    client = rig.browser()
+    order_no = place_gateway_order(client, sku)
+    return client, order_no
+
+
+def balance_of(rig: ShopRig, owner_type: str, owner_id: int) -> int:
+    with rig.container.db.connect() as conn:
+        wallet = ledger.wallet_account(conn, owner_type=owner_type, owner_id=owner_id)
+        return ledger.balances(conn, wallet_id=wallet)[0]
+
+
+def expire(rig: ShopRig, order_no: str) -> None:
+    """Run the worker past the payment window: the order closes as `expired`."""
+    rig.clock.advance(rig.container.settings.payment_window_s + 1)
+    worker = WorkerThread(rig.container).start()
+    try:
+        wait_for(lambda: order(rig, order_no).status == "expired")
+    finally:
+        worker.stop()
+
+
+# -- notify negatives (one rig per backend for the whole group) ----------------------------------
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with shop_rig(request.param, tmp_path_factory.mktemp("shop")) as r:
+        yield r
+
+
+def test_bad_signature_is_refused_and_moves_nothing(shared: ShopRig) -> None:
+    sku = factories.add_product(shared.container, stock=2)
+    _, order_no = pending_order(shared, sku)
+    assert notify(shared, key="not-the-key", out_trade_no=order_no, money="10.00") == "fail"
+    assert shared.statements(order_no) == [("notify", "bad_signature")]
+    assert shared.payment(order_no).state == "pending"
+    assert order(shared, order_no).status == "pending_payment"
+    factories.assert_books_clean(shared.container)
+
+
+def test_wrong_pid_is_refused(shared: ShopRig) -> None:
+    sku = factories.add_product(shared.container, stock=2)
+    _, order_no = pending_order(shared, sku)
+    assert notify(shared, pid="9999", out_trade_no=order_no, money="10.00") == "fail"
+    assert shared.statements(order_no) == [("notify", "wrong_merchant")]
+    assert shared.payment(order_no).state == "pending"
+    factories.assert_books_clean(shared.container)
+
+
+def test_not_success_status_is_refused(shared: ShopRig) -> None:
+    sku = factories.add_product(shared.container, stock=2)
+    _, order_no = pending_order(shared, sku)
+    answer = notify(shared, out_trade_no=order_no, money="10.00", trade_status="WAIT_BUYER_PAY")
+    assert answer == "fail"
+    assert shared.statements(order_no) == [("notify", "not_success")]
+    assert order(shared, order_no).status == "pending_payment"
+
+
+@pytest.mark.parametrize(
+    ("money", "currency", "outcome"),
+    [
+        ("9.99", None, "amount_mismatch"),
+        ("10.01", None, "amount_mismatch"),
+        ("10.00", "USD", "currency_mismatch"),
+    ],
+)
+def test_amount_or_currency_mismatch_is_flagged_never_fulfilled(
+    shared: ShopRig, money: str, currency: str | None, outcome: str
+) -> None:
+    sku = factories.add_product(shared.container, stock=2, price_cents=1000)
+    _, order_no = pending_order(shared, sku)
+    extra = {"currency": currency} if currency else {}
+    # Acknowledged (we hold it durably; resending would change nothing) but flagged.
+    assert notify(shared, out_trade_no=order_no, money=money, **extra) == "success"
+    assert shared.statements(order_no) == [("notify", outcome)]
+    pay = shared.payment(order_no)
+    assert (pay.state, pay.reason, pay.ledger_txn_id) == ("flagged", outcome, None)
+    assert pay.next_check_at is None
+    row = order(shared, order_no)
+    assert row.status == "pending_payment"
+    assert row.reason == f"payment_{outcome}"
+    # A second notify with the right amount does not fulfil a flagged payment either.
+    assert notify(shared, out_trade_no=order_no, money="10.00") == "success"
+    assert shared.statements(order_no)[-1] == ("notify", "already_flagged")
+    assert order(shared, order_no).status == "pending_payment"
+    factories.assert_books_clean(shared.container)
+
+
+def test_unknown_order_is_refused(shared: ShopRig) -> None:
+    assert notify(shared, out_trade_no="K20261126NOSUCHORDER", money="10.00") == "fail"
+    assert shared.statements("K20261126NOSUCHORDER") == [("notify", "unknown_payment")]
+    factories.assert_books_clean(shared.container)
+
+
+def test_malformed_amount_is_refused(shared: ShopRig) -> None:
+    sku = factories.add_product(shared.container, stock=2)
+    _, order_no = pending_order(shared, sku)
+    assert notify(shared, out_trade_no=order_no, money="１０.00") == "fail"
+    assert shared.statements(order_no) == [("notify", "malformed")]
+    assert shared.payment(order_no).state == "pending"
+
+
+def test_replayed_notify_credits_once(shared: ShopRig) -> None:
+    sku = factories.add_product(shared.container, stock=3, price_cents=1000)
+    _, order_no = pending_order(shared, sku)
+    for _ in range(3):
+        assert notify(shared, out_trade_no=order_no, money="10.00") == "success"
+    assert [o for _, o in shared.statements(order_no)] == [
+        "fulfilment_started",
+        "duplicate",
+        "duplicate",
+    ]
+    row = order(shared, order_no)
+    assert (row.status, row.paid_cents) == ("delivered", 1000)
+    with shared.container.db.connect(write=False) as conn:
+        from sqlalchemy import text
+
+        payments_posted = conn.execute(
+            text("SELECT count(*) FROM ledger_transactions WHERE kind = 'payment' AND ref_id = :p"),
+            {"p": shared.payment(order_no).id},
+        ).scalar_one()
+    assert payments_posted == 1
+    factories.assert_books_clean(shared.container)
+
+
+def test_notify_for_an_expired_order_with_stock_is_fulfilled(shared: ShopRig) -> None:
+    sku = factories.add_product(shared.container, stock=2, price_cents=1000)
+    _, order_no = pending_order(shared, sku)
+    expire(shared, order_no)
+    assert notify(shared, out_trade_no=order_no, money="10.00") == "success"
+    assert shared.statements(order_no) == [("notify", "late_fulfilment_started")]
+    row = order(shared, order_no)
+    assert row.status == "delivered"
+    with shared.container.db.connect(write=False) as conn:
+        reasons = [e.reason for e in order_queries.timeline(conn, order_id=row.id)]
+    assert reasons[:3] == ["awaiting_payment", "payment_timeout", "late_payment_accepted"]
+    factories.assert_books_clean(shared.container)
+
+
+def test_notify_for_an_expired_order_without_stock_is_credited(shared: ShopRig) -> None:
+    sku = factories.add_product(shared.container, stock=1, price_cents=1000)
+    _, order_no = pending_order(shared, sku)
+    expire(shared, order_no)
+    # Someone else buys the last key meanwhile.
+    _, other = pending_order(shared, sku)
+    assert notify(shared, out_trade_no=other, money="10.00", trade_no="T-other") == "success"
+    assert order(shared, other).status == "delivered"
+    assert notify(shared, out_trade_no=order_no, money="10.00") == "success"
+    assert shared.statements(order_no) == [("notify", "late_payment_credited")]
+    row = order(shared, order_no)
+    assert (row.status, row.reason, row.refunded_cents) == (
+        "refunded",
+        "late_payment_credited",
+        1000,
+    )
+    # A guest: the money waits in the order's own wallet for staff to pay it back.
+    assert balance_of(shared, "guest", row.id) == 1000
+    factories.assert_books_clean(shared.container)
+
+
+# -- notifies that never come ----------------------------------------------------------------------
+
+
+def test_a_dropped_notify_is_recovered_by_the_active_query(rig: ShopRig) -> None:
+    sim(rig, "POST", "/_sim/config", notify="drop")
+    sku = factories.add_product(rig.container, stock=2, price_cents=1000)
+    client, order_no = pending_order(rig, sku)
+    submit_to_gateway(client, order_no)
+    sim(rig, "POST", f"/_sim/trades/{order_no}/pay")
+    assert rig.statements(order_no) == []  # the gateway never told us
+    assert rig.check_payments() == 0  # not due yet: the first ask is 30 s after opening
+    rig.clock.advance(31)
+    assert rig.check_payments() == 1
+    assert rig.statements(order_no) == [("query", "fulfilment_started")]
+    pay = rig.payment(order_no)
+    assert (pay.state, pay.reason, pay.next_check_at) == ("paid", "confirmed_by_query", None)
+    assert order(rig, order_no).status == "delivered"
+    factories.assert_books_clean(rig.container)
+
+
+def test_unpaid_payments_are_asked_about_until_a_day_after_the_window(rig: ShopRig) -> None:
+    sku = factories.add_product(rig.container, stock=2)
+    client, order_no = pending_order(rig, sku)
+    submit_to_gateway(client, order_no)  # the gateway knows the trade; it stays unpaid
+    asked = 0
+    for _ in range(60):
+        rig.clock.advance(600)
+        asked += rig.check_payments()
+    pay = rig.payment(order_no)
+    assert 4 <= asked <= 12
+    assert (pay.state, pay.next_check_at) == ("pending", pay.next_check_at)
+    rig.clock.advance(86400 * 2)
+    for _ in range(8):
+        rig.clock.advance(3600 * 6)
+        rig.check_payments()
+    pay = rig.payment(order_no)
+    assert (pay.state, pay.reason, pay.next_check_at) == ("closed", "never_paid_unpaid", None)
+
+
+def test_a_late_payment_found_by_the_query_is_credited_to_the_member(rig: ShopRig) -> None:
+    sim(rig, "POST", "/_sim/config", notify="drop")
+    sku = factories.add_product(rig.container, kind=DeliveryKind.manual, price_cents=1500)
+    client = rig.browser()
+    member_id = register(rig, client, "late@kameng.test")
+    order_no = place_gateway_order(client, sku)
+    submit_to_gateway(client, order_no)
+    expire(rig, order_no)
+    sim(rig, "POST", f"/_sim/trades/{order_no}/pay")
+    rig.clock.advance(120)
+    rig.check_payments()
+    assert rig.statements(order_no) == [("query", "late_payment_credited")]
+    row = order(rig, order_no)
+    assert (row.status, row.reason) == ("refunded", "late_payment_credited")
+    assert balance_of(rig, "member", member_id) == 1500
+    page = client.get("/account")
+    assert "¥15.00" in page.text
+    factories.assert_books_clean(rig.container)
+
+
+def register(rig: ShopRig, client: httpx.Client, email: str) -> int:
+    page = client.get("/register")
+    done = client.post(
+        "/register",
+        data={"csrf_token": csrf_of(page.text), "email": email, "password": "correct-horse"},
+    )
+    assert done.status_code == 303, done.text
+    with rig.container.db.connect(write=False) as conn:
+        member_id = members.find_member(conn, email=email)
+    assert member_id is not None
+    return member_id
+
+
+def test_member_tops_up_by_gateway(rig: ShopRig) -> None:
+    client = rig.browser()
+    member_id = register(rig, client, "topup@kameng.test")
+    page = client.get("/account")
+    started = client.post(
+        "/account/topup",
+        data={"csrf_token": csrf_of(page.text), "amount": "25.50", "pay": f"{GATEWAY}:wxpay"},
+    )
+    assert started.status_code == 303
+    payment_no = started.headers["location"].removeprefix("/pay/")
+    assert payment_no.startswith("T")
+    cashier = submit_to_gateway(client, payment_no)
+    assert cashier.status_code == 200
+    sim(rig, "POST", f"/_sim/trades/{payment_no}/pay")
+    wait_for(lambda: rig.payment(payment_no).state == "paid")
+    assert rig.statements(payment_no)[0] == ("notify", "topup_credited")
+    assert balance_of(rig, "member", member_id) == 2550
+    # Bad amounts are refused on the page, and no payment is opened.
+    page = client.get("/account")
+    refused = client.post(
+        "/account/topup",
+        data={"csrf_token": csrf_of(page.text), "amount": "0.5", "pay": f"{GATEWAY}:wxpay"},
+    )
+    assert refused.status_code == 422 and "form-error" in refused.text
+    factories.assert_books_clean(rig.container)
+
+
+# -- reconciliation -------------------------------------------------------------------------------
+
+
+def paid_order(rig: ShopRig, sku: str, **pay: Any) -> str:
+    client, order_no = pending_order(rig, sku)
+    submit_to_gateway(client, order_no)
+    sim(rig, "POST", f"/_sim/trades/{order_no}/pay", **pay)
+    return order_no
+
+
+def test_reconcile_finds_every_seeded_mismatch(rig: ShopRig) -> None:
+    sku = factories.add_product(rig.container, stock=10, price_cents=1000)
+    clean = paid_order(rig, sku)
+    wait_for(lambda: rig.payment(clean).state == "paid")
+    unpaid_client, unpaid = pending_order(rig, sku)  # opened, never paid: fine
+    submit_to_gateway(unpaid_client, unpaid)
+
+    not_paid = paid_order(rig, sku)  # recorded by us; then the gateway reverses it
+    wait_for(lambda: rig.payment(not_paid).state == "paid")
+    sim(rig, "POST", f"/_sim/trades/{not_paid}/mutate", status=0)
+
+    differs = paid_order(rig, sku)  # recorded 10.00; the gateway's books say 12.00
+    wait_for(lambda: rig.payment(differs).state == "paid")
+    sim(rig, "POST", f"/_sim/trades/{differs}/mutate", money="12.00")
+
+    flagged = paid_order(rig, sku, money="9.00")  # paid a different amount: flagged
+    wait_for(lambda: rig.payment(flagged).state == "flagged")
+
+    sim(rig, "POST", "/_sim/config", notify="drop")
+    lost = paid_order(rig, sku)  # paid, the notify lost, not yet queried
+
+    sim(rig, "POST", "/_sim/trades", out_trade_no="K20261126STRANGER0", money="5.00", paid=True)
+
+    result = run_cli(rig.container, "payments", "reconcile", "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    found = {
+        m["payment_no"]: (m["kind"], m["ours_state"], m["recorded"], m["gateway_paid"])
+        for m in report["mismatches"]
+    }
+    assert found == {
+        not_paid: ("recorded_not_paid", "paid", "10.00", None),
+        differs: ("amount_differs", "paid", "10.00", "12.00"),
+        flagged: ("paid_not_recorded", "flagged", "0.00", "9.00"),
+        lost: ("paid_not_recorded", "pending", "0.00", "10.00"),
+        "K20261126STRANGER0": ("paid_not_recorded", "none", "0.00", "5.00"),
+    }
+    assert report["checked"] == 7
+    assert clean not in found and unpaid not in found
+
+    # Once the active query has found the lost payment, it is no longer a mismatch.
+    rig.clock.advance(31)
+    rig.check_payments()
+    again = json.loads(run_cli(rig.container, "payments", "reconcile", "--json").stdout)
+    assert lost not in {m["payment_no"] for m in again["mismatches"]}
+    assert len(again["mismatches"]) == 4
+
+
+def test_reconcile_is_clean_when_the_books_agree(rig: ShopRig) -> None:
+    sku = factories.add_product(rig.container, stock=3, price_cents=1000)
+    done = paid_order(rig, sku)
+    wait_for(lambda: rig.payment(done).state == "paid")
+    result = run_cli(rig.container, "payments", "reconcile")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 mismatch" in result.stdout
+
+
+def test_an_unreachable_gateway_is_listed_as_unchecked(rig: ShopRig) -> None:
+    sku = factories.add_product(rig.container, stock=3, price_cents=1000)
+    done = paid_order(rig, sku)
+    wait_for(lambda: rig.payment(done).state == "paid")
+    rig.gateway.stop()
+    result = run_cli(rig.container, "payments", "reconcile", "--json")
+    assert result.returncode == 1
+    kinds = {m["kind"] for m in json.loads(result.stdout)["mismatches"]}
+    assert kinds == {"unchecked"}
+
+
+# -- races (PostgreSQL: real row locks) ----------------------------------------------------------
+
+
+@pytest.mark.pg
+def test_notify_return_and_query_racing_credit_once(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import text
+
+    with shop_rig("postgresql", tmp_path) as rig:
+        sku = factories.add_product(rig.container, stock=40, price_cents=1000)
+        sim(rig, "POST", "/_sim/config", notify="drop")
+        orders_ = [paid_order(rig, sku) for _ in range(8)]
+        rig.clock.advance(31)
+
+        def signed(order_no: str) -> dict[str, str]:
+            trade = sim(rig, "GET", "/_sim/state")["trades"]
+            trade_no = next(t["trade_no"] for t in trade if t["out_trade_no"] == order_no)
+            return epay.signed(
+                {
+                    "pid": PID,
+                    "trade_no": trade_no,
+                    "out_trade_no": order_no,
+                    "type": "alipay",
+                    "name": "x",
+                    "money": "10.00",
+                    "trade_status": "TRADE_SUCCESS",
+                },
+                KEY,
+            )
+
+        params = {o: signed(o) for o in orders_}
+        jobs = []
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            for o in orders_:
+                for path in ("notify", "notify", "return"):
+                    jobs.append(
+                        pool.submit(
+                            httpx.get,
+                            f"{rig.url}/pay/{path}/{GATEWAY}",
+                            params=params[o],
+                            timeout=20,
+                        )
+                    )
+                jobs.append(pool.submit(rig.check_payments))
+            for job in jobs:
+                job.result()
+        for o in orders_:
+            wait_for(lambda o=o: order(rig, o).status == "delivered")
+            outcomes = [out for _, out in rig.statements(o)]
+            assert outcomes.count("fulfilment_started") == 1, outcomes
+            assert set(outcomes) <= {"fulfilment_started", "duplicate"}, outcomes
+        with rig.container.db.connect(write=False) as conn:
+            posted = conn.execute(
+                text(
+                    "SELECT count(*), count(DISTINCT ref_id) FROM ledger_transactions "
+                    "WHERE kind = 'payment'"
+                )
+            ).one()
+        assert tuple(posted) == (8, 8)
+        factories.assert_books_clean(rig.container)
