@@ -818,6 +818,56 @@ def _inject_second_purchase(conn: Connection, s: Scene) -> None:
 # (damage, the checks that must report it). Most damage is seen by exactly one check; where a
 # violation necessarily implies another (an unbalanced transaction whose balances were applied
 # makes the accounts not sum to zero), both are named.
+def _gateway_payment(conn: Connection, s: Scene, *, state: str) -> int:
+    from kameng.payments import service as payments
+    from kameng.payments.models import PaymentPurpose
+
+    now = s.container.clock()
+    gw = payments.add_gateway(
+        conn,
+        vault=s.container.vault,
+        code="inject",
+        name="x",
+        base_url="http://x",
+        merchant_id="1",
+        key="k",
+        now=now,
+    )
+    gateway = payments.get_gateway(conn, gateway_id=gw)
+    number = payments.open_payment(
+        conn,
+        gateway=gateway,
+        purpose=PaymentPurpose.topup,
+        pay_type="alipay",
+        amount_cents=500,
+        currency="CNY",
+        expires_at=now,
+        now=now,
+        checks=payments.CheckPolicy(),
+        wallet_id=s.wallet,
+    )
+    conn.execute(
+        text("UPDATE payments SET state = :s WHERE payment_no = :n"), {"s": state, "n": number}
+    )
+    return int(payments.find_payment(conn, payment_no=number).id)
+
+
+def _inject_paid_payment_not_posted(conn: Connection, s: Scene) -> None:
+    _gateway_payment(conn, s, state="paid")
+
+
+def _inject_payment_txn_without_payment(conn: Connection, s: Scene) -> None:
+    ledger.post(
+        conn,
+        kind="payment",
+        legs=[(s.container.accounts.gateway_clearing, -100), (s.wallet, 100)],
+        now=s.container.clock(),
+        ref_type="payment",
+        ref_id=987654,
+        actor="test",
+    )
+
+
 INJECTIONS: dict[str, tuple[Injection, set[str]]] = {
     "empty_transaction": (_inject_empty_txn, {"transactions_balance"}),
     "one_legged_transaction": (
@@ -850,6 +900,11 @@ INJECTIONS: dict[str, tuple[Injection, set[str]]] = {
     "key_of_another_sku": (_inject_key_of_other_sku, {"key_sku_matches_line"}),
     "paid_order_forgotten": (_inject_forgotten_order, {"undelivered_orders_are_due"}),
     "second_purchase_for_a_line": (_inject_second_purchase, {"one_purchase_per_line"}),
+    "paid_payment_not_posted": (_inject_paid_payment_not_posted, {"payments_posted_once"}),
+    "payment_txn_without_payment": (
+        _inject_payment_txn_without_payment,
+        {"payment_transactions_have_payments"},
+    ),
 }
 
 

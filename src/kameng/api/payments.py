@@ -25,6 +25,7 @@ from kameng.errors import KamengError
 from kameng.payments import service as payments
 from kameng.payments.models import PaymentPurpose
 from kameng.payments.port import NotifyCheck
+from kameng.pipeline.metrics import PAYMENT_STATEMENTS
 
 router = APIRouter(include_in_schema=False)
 log = logging.getLogger("kameng.payments")
@@ -97,6 +98,7 @@ async def receive(
         # active query covers the payment meanwhile.
         log.warning("gateway %s %s not applied: %s", gateway_code[:64], channel, exc.code)
         return f"error:{exc.code.value}", check, None
+    PAYMENT_STATEMENTS.labels(channel, outcome).inc()
     if outcome not in payments.ACKNOWLEDGED:
         log.warning(
             "gateway %s %s refused: %s (%s)", gateway_code[:64], channel, outcome, check.payment_no

@@ -220,4 +220,10 @@ def demo(
         )
     _print_credentials(issued, as_json)
     if not as_json:
+        from kameng.demo import DEMO_MEMBER
+
         console.print(f"(also saved to {path}, mode 0600)")
+        console.print(
+            f"demo buyer account: {DEMO_MEMBER[0]} / {DEMO_MEMBER[1]} (¥100 balance); "
+            "guests can buy without an account"
+        )

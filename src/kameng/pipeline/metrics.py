@@ -30,6 +30,11 @@ STEP_SECONDS = Histogram(
     "Wall time of one pipeline step (including supplier calls)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+PAYMENT_STATEMENTS = Counter(
+    "kameng_payment_statements_total",
+    "What gateways told us (notify, return) or answered (query), by outcome",
+    ["channel", "outcome"],
+)
 CALLBACKS = Counter(
     "kameng_supplier_callbacks_total", "Supplier callbacks received, by outcome", ["outcome"]
 )

@@ -19,6 +19,7 @@ from kameng.container import Container
 from kameng.payments import service as payments
 from kameng.payments.port import GatewayRecord, RecordState
 from kameng.payments.registry import Gateways
+from kameng.pipeline.metrics import PAYMENT_STATEMENTS
 
 log = logging.getLogger("kameng.payments")
 
@@ -41,7 +42,7 @@ async def check_due(container: Container, gateways: Gateways, *, limit: int = 20
         except Exception as exc:  # an adapter bug must not stop the other checks
             log.warning("payment query failed: %s", type(exc).__name__)
             record = GatewayRecord(RecordState.unreachable, payment_no=row.payment_no)
-        await container.writer.run_async(
+        outcome = await container.writer.run_async(
             functools.partial(
                 payments.apply_query,
                 gateway=gateway,
@@ -52,6 +53,7 @@ async def check_due(container: Container, gateways: Gateways, *, limit: int = 20
                 now=container.clock(),
             )
         )
+        PAYMENT_STATEMENTS.labels("query", outcome).inc()
 
     await asyncio.gather(*(one(r, g) for r, g in batch))
     return len(batch)

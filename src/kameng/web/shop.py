@@ -342,7 +342,9 @@ def pay_page(request: Request, payment_no: str) -> Response:
                 return _error_page(ctx, KamengError(ErrorCode.payment_not_found))
             order, subject, back = None, "balance top-up", "/account"
         gateway = payments.get_gateway(conn, gateway_id=pay.gateway_id)
-    if pay.state != "pending":
+    closed = order is not None and order.status != Status.pending_payment.value
+    if pay.state != "pending" or closed:
+        # Paid, flagged, given up, or the order closed: nothing to pay here any more.
         return ctx.apply(RedirectResponse(back, status_code=303))
     base = container.settings.callback_base_url
     checkout_form = request.app.state.gateways.get(gateway).checkout(
@@ -364,12 +366,16 @@ def _order_view(request: Request, order_no: str, *, template: str) -> Response:
     container = _container(request)
     ctx = browser(request, container)
     order_no = normalize_order_no(order_no)[:40]
-    with container.db.connect() as conn:
+    with container.db.connect(write=False) as conn:
         order = _owns(conn, ctx, container, order_no)
-        if order is None:
-            return render(
-                ctx, "error.html", status_code=404, message=ctx_text(ctx, "unknown_order")
-            )
+    if order is None:
+        return render(ctx, "error.html", status_code=404, message=ctx_text(ctx, "unknown_order"))
+    # A write transaction only when keys are shown: each showing is audited.
+    write = order.status in api_render.DELIVERED_STATES
+    with container.db.connect(write=write) as conn:
+        fresh = order_queries.find_order(conn, order_no=order_no, reseller_id=None)
+        if write or fresh.status not in api_render.DELIVERED_STATES:
+            order = fresh  # (delivered just now: shown with its keys on the next refresh)
         actor = f"member:{ctx.member.member_id}" if ctx.member else "guest"
         body, keys = api_render.full_order(
             conn,
