@@ -486,3 +486,27 @@ def test_notify_return_and_query_racing_credit_once(tmp_path: Path) -> None:
             ).one()
         assert tuple(posted) == (8, 8)
         factories.assert_books_clean(rig.container)
+
+
+def test_money_owed_to_a_guest_is_paid_back_through_the_gateway(tmp_path: Path) -> None:
+    with shop_rig("sqlite", tmp_path) as rig:
+        sku = factories.add_product(rig.container, kind=DeliveryKind.manual, price_cents=1500)
+        client, order_no = pending_order(rig, sku)
+        submit_to_gateway(client, order_no)
+        expire(rig, order_no)
+        sim(rig, "POST", f"/_sim/trades/{order_no}/pay")
+        wait_for(lambda: order(rig, order_no).status == "refunded")
+        owed = run_cli(rig.container, "payments", "owed")
+        assert order_no in owed.stdout and "15.00" in owed.stdout
+
+        paid_back = run_cli(rig.container, "payments", "payout", order_no)
+        assert paid_back.returncode == 0, paid_back.stderr
+        trade = next(
+            t for t in sim(rig, "GET", "/_sim/state")["trades"] if t["out_trade_no"] == order_no
+        )
+        assert trade["refunded_money"] == "15.00"
+        row = order(rig, order_no)
+        assert balance_of(rig, "guest", row.id) == 0
+        again = run_cli(rig.container, "payments", "payout", order_no)
+        assert again.returncode == 2 and "nothing is owed" in again.stderr
+        factories.assert_books_clean(rig.container)

@@ -208,3 +208,79 @@ def reconcile(
     if found:
         err_console.print("reconciliation found mismatches")
         raise typer.Exit(1)
+
+
+@payments_app.command("owed")
+def owed() -> None:
+    """Money kept for guests (refunded orders, payments that came too late), to pay back."""
+    from kameng.money import format_cents
+    from kameng.payments import service as payments
+
+    container = _container()
+    with container.db.connect(write=False) as conn:
+        rows = payments.owed_to_guests(conn)
+    table = Table("order_no", "payment_no", "owed")
+    for r in rows:
+        table.add_row(r.order_no, r.payment_no, format_cents(r.owed_cents))
+    console.print(table)
+    console.print(f"{len(rows)} guest order(s) owed money")
+
+
+@payments_app.command("payout")
+def payout(
+    order_no: Annotated[str, typer.Argument(help="The guest order whose money to pay back")],
+    manual: Annotated[
+        bool, typer.Option(help="Staff paid it back some other way: only record it")
+    ] = False,
+    actor: ActorOpt = None,
+) -> None:
+    """Pay back what a guest is owed: a refund through the gateway the guest paid with (its
+    refund API), then recorded in the ledger. The gateway refuses a second refund of the same
+    money, so running this twice cannot pay twice."""
+    from kameng.audit import service as audit
+    from kameng.money import format_cents
+    from kameng.payments import service as payments
+    from kameng.payments.registry import build_gateway
+
+    container = _container()
+    with container.db.connect(write=False) as conn:
+        row = {r.order_no: r for r in payments.owed_to_guests(conn)}.get(order_no)
+        gateway = payments.get_gateway(conn, gateway_id=row.gateway_id) if row else None
+    if row is None or gateway is None:
+        err_console.print(f"nothing is owed for {order_no}")
+        raise typer.Exit(2)
+    via = "manual"
+    if not manual:
+        adapter = build_gateway(gateway, container.vault)
+
+        async def send() -> tuple[bool, str]:
+            try:
+                return await adapter.refund(row.payment_no, row.owed_cents)
+            finally:
+                await adapter.aclose()
+
+        done, message = asyncio.run(send())
+        if not done:
+            err_console.print(f"the gateway refused the refund: {message}")
+            raise typer.Exit(1)
+        via = f"gateway {gateway.code}"
+    accounts = container.accounts  # resolved before the write transaction opens
+    with container.db.unit_of_work() as session:
+        payments.record_payout(
+            session.connection(),
+            order_no=order_no,
+            amount_cents=row.owed_cents,
+            accounts=accounts,
+            actor=_actor(actor),
+            memo=f"paid back to guest via {via}",
+            now=container.clock(),
+        )
+        audit.record(
+            session,
+            actor=_actor(actor),
+            action="payment.payout",
+            target_type="order",
+            target_id=order_no,
+            details={"amount": format_cents(row.owed_cents), "via": via},
+        )
+    console.print(f"paid back {format_cents(row.owed_cents)} for {order_no} via {via}")

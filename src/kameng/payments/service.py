@@ -26,7 +26,9 @@ from sqlalchemy.exc import IntegrityError
 from kameng.db import table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
+from kameng.ledger.models import Account
 from kameng.orders import checkout
+from kameng.orders.models import Order
 from kameng.orders.numbers import new_order_no
 from kameng.payments.models import (
     GatewayKind,
@@ -462,3 +464,58 @@ def list_payments(
     if since is not None:
         stmt = stmt.where(_pay.c.created_at >= since)
     return list(conn.execute(stmt))
+
+
+# -- money owed to guests ------------------------------------------------------------------------
+
+
+def owed_to_guests(conn: Connection) -> list[Any]:
+    """Guest orders whose money sits in their own wallet (refunded, or paid too late): each row
+    is (order_no, payment_no, gateway_id, wallet_id, owed_cents)."""
+    acc = table(Account)
+    order = table(Order)
+    return list(
+        conn.execute(
+            select(
+                order.c.order_no,
+                _pay.c.payment_no,
+                _pay.c.gateway_id,
+                acc.c.id.label("wallet_id"),
+                acc.c.balance_cents.label("owed_cents"),
+            )
+            .select_from(
+                acc.join(order, order.c.id == acc.c.owner_id).join(
+                    _pay, _pay.c.order_id == order.c.id
+                )
+            )
+            .where(acc.c.owner_type == "guest", acc.c.balance_cents > 0)
+            .order_by(order.c.id)
+        )
+    )
+
+
+def record_payout(
+    conn: Connection,
+    *,
+    order_no: str,
+    amount_cents: int,
+    accounts: ledger.PlatformAccounts,
+    actor: str,
+    memo: str,
+    now: datetime,
+) -> int:
+    """Money owed to a guest has left the platform (through the gateway or by staff): the
+    guest's wallet pays it to the refunds account. Refuses more than is owed."""
+    owed = {r.order_no: r for r in owed_to_guests(conn)}.get(order_no)
+    if owed is None or not 0 < amount_cents <= owed.owed_cents:
+        raise KamengError(ErrorCode.invalid_amount, detail="more than is owed for this order")
+    return ledger.post(
+        conn,
+        kind="payout",
+        legs=[(int(owed.wallet_id), -amount_cents), (accounts.refunds, amount_cents)],
+        now=now,
+        ref_type="payment",
+        ref_id=int(find_payment(conn, payment_no=owed.payment_no).id),
+        actor=actor,
+        memo=memo[:500],
+    )

@@ -145,6 +145,14 @@ class EpayGateway:
             return None
         return [self._record(item) for item in body["data"] if isinstance(item, dict)]
 
+    async def refund(self, payment_no: str, amount_cents: int) -> tuple[bool, str]:
+        body = await self._api(
+            {"act": "refund", "out_trade_no": payment_no, "money": epay.format_money(amount_cents)}
+        )
+        if body is None:
+            return False, "gateway unreachable"
+        return str(body.get("code")) == "1", str(body.get("msg", ""))[:200]
+
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
