@@ -1,4 +1,5 @@
-"""Periodic clean-up of data whose job is done: expired nonces, old idempotency records.
+"""Periodic clean-up of data whose job is done: expired nonces, old idempotency records,
+expired member sessions.
 
 Supplier callback event ids and sent notifications are kept a week.
 Nonces only need remembering for twice the signature window (a replay outside the window is
@@ -14,6 +15,7 @@ from datetime import timedelta
 
 from kameng.container import Container
 from kameng.idempotency import service as idem
+from kameng.members import service as members
 from kameng.pipeline import outbox
 from kameng.resellers import service as resellers
 from kameng.suppliers import service as suppliers
@@ -33,7 +35,9 @@ def prune(container: Container) -> dict[str, int]:
         records = idem.prune(conn, older_than=now - IDEMPOTENCY_RETENTION)
         events = suppliers.prune_events(conn, older_than=now - EVENT_RETENTION)
         sent = outbox.prune_sent(conn, older_than=now - EVENT_RETENTION)
+        sessions = members.prune_sessions(conn, now=now)
     return {
+        "member_sessions": sessions,
         "nonces": nonces,
         "idempotency_records": records,
         "supplier_events": events,

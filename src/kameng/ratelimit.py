@@ -31,6 +31,14 @@ class RateLimiter:
         limits on failures only (a login counts only when it fails)."""
         self._hit(key, record=False)
 
+    def release(self, key: str) -> None:
+        """Give back the newest hit of `key` (an attempt claimed with `check` that turned out
+        not to count, e.g. a login that succeeded)."""
+        with self._lock:
+            hits = self._hits.get(key)
+            if hits:
+                hits.pop()
+
     def record(self, key: str) -> None:
         with self._lock:
             self._window(key, time.monotonic()).append(time.monotonic())

@@ -39,7 +39,7 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     """The launched browser; it and the Playwright driver close after the last browser test."""
     try:

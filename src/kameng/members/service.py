@@ -48,6 +48,7 @@ class SessionInfo:
     email: str
     language: str
     wallet_id: int
+    stale: bool = False  # last seen long enough ago that its expiry should slide forward
 
 
 def normalize_email(email: str) -> str:
@@ -66,11 +67,27 @@ def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def register(conn: Connection, *, email: str, password: str, language: str, now: datetime) -> int:
-    """Create a member and their wallet; the caller logs them in in the same transaction."""
-    address = normalize_email(email)
+def hash_password(password: str) -> str:
+    """Check the rules and hash (argon2id). Slow on purpose: callers run it outside any write
+    transaction, so a burst of registrations never holds up orders."""
     check_password(password)
-    password_hash = _hasher.hash(password)
+    return _hasher.hash(password)
+
+
+def register(
+    conn: Connection,
+    *,
+    email: str,
+    password: str | None = None,
+    password_hash: str | None = None,
+    language: str,
+    now: datetime,
+) -> int:
+    """Create a member and their wallet; the caller logs them in in the same transaction.
+    Give `password_hash` (from `hash_password`) to keep the hashing out of the transaction."""
+    address = normalize_email(email)
+    if password_hash is None:
+        password_hash = hash_password(password or "")
     try:
         with conn.begin_nested():
             member_id = int(
@@ -94,7 +111,9 @@ def register(conn: Connection, *, email: str, password: str, language: str, now:
 
 def authenticate(conn: Connection, *, email: str, password: str) -> int:
     """The member id for a correct email and password; `login_failed` otherwise (the same
-    refusal for an unknown email, a wrong password and a disabled account)."""
+    refusal for an unknown email, a wrong password and a disabled account). Reads only (a
+    rehash with newer parameters is left to `rehash_if_needed`), so it can run on a read
+    connection outside the writer."""
     try:
         address = normalize_email(email)
     except KamengError:
@@ -115,13 +134,21 @@ def authenticate(conn: Connection, *, email: str, password: str) -> int:
         verified = False
     if not verified or row is None or row.disabled:
         raise KamengError(ErrorCode.login_failed)
-    if _hasher.check_needs_rehash(row.password_hash):
-        conn.execute(
-            update(_member)
-            .where(_member.c.id == row.id)
-            .values(password_hash=_hasher.hash(password))
-        )
     return int(row.id)
+
+
+def new_hash_if_outdated(conn: Connection, *, member_id: int, password: str) -> str | None:
+    """A fresh hash when the stored one used weaker parameters than today's (after login)."""
+    stored = conn.execute(
+        select(_member.c.password_hash).where(_member.c.id == member_id)
+    ).scalar_one()
+    return _hasher.hash(password) if _hasher.check_needs_rehash(stored) else None
+
+
+def set_password_hash(conn: Connection, *, member_id: int, password_hash: str) -> None:
+    conn.execute(
+        update(_member).where(_member.c.id == member_id).values(password_hash=password_hash)
+    )
 
 
 def start_session(
@@ -176,6 +203,7 @@ def resolve_session(conn: Connection, *, token: str, now: datetime) -> SessionIn
         email=row.email,
         language=row.language,
         wallet_id=wallet_id,
+        stale=row.last_seen_at < now - _SEEN_GRANULARITY,
     )
 
 

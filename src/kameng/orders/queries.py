@@ -70,10 +70,20 @@ def list_orders(
     return list(conn.execute(stmt.order_by(_order.c.id.desc()).limit(limit)))
 
 
+def normalize_secret(text: str) -> str:
+    """What a buyer types, as issued: Crockford base-32 read forgivingly (case, O for 0, I/L
+    for 1, missing or extra separators), grouped 4-4-4-4."""
+    raw = "".join(ch for ch in text.upper() if ch.isalnum())
+    raw = raw.replace("O", "0").replace("I", "1").replace("L", "1")
+    if len(raw) != 16:
+        return text.strip().upper()
+    return "-".join(raw[i : i + 4] for i in range(0, 16, 4))
+
+
 def lookup(conn: Connection, *, order_no: str, secret: str, vault: Vault) -> Any | None:
     """The order if the secret matches; None otherwise (unknown and wrong look the same)."""
     row = conn.execute(select(_order).where(_order.c.order_no == order_no)).first()
-    expected = vault.lookup_hash(order_no, secret.strip().upper())
+    expected = vault.lookup_hash(order_no, normalize_secret(secret))
     if row is None:
         # Spend the same work as a real comparison so timing does not reveal which orders exist.
         hmac.compare_digest(expected, expected)

@@ -67,14 +67,16 @@ async def register(request: Request) -> Response:
     except KamengError as exc:
         return _refuse(ctx, "register.html", exc, email=email)
 
+    try:
+        members.normalize_email(email)
+        password_hash = await run_in_threadpool(members.hash_password, form.get("password", ""))
+    except KamengError as exc:
+        return _refuse(ctx, "register.html", exc, email=email)
+
     def job(conn: Connection) -> tuple[str, members.SessionInfo]:
         now = container.clock()
         member_id = members.register(
-            conn,
-            email=email,
-            password=form.get("password", ""),
-            language=ctx.language,
-            now=now,
+            conn, email=email, password_hash=password_hash, language=ctx.language, now=now
         )
         token = members.start_session(
             conn,
@@ -110,16 +112,40 @@ async def login(request: Request) -> Response:
     target = _safe_next(form.get("next"))
     limiter = request.app.state.login_limiter
     keys = (f"ip:{client_ip(request)}", f"email:{email.strip().lower()}")
+    claimed: list[str] = []
     try:
         ctx.check_csrf(form.get("csrf_token"))
+        # Claim an attempt on each limit before checking the password (atomic under the
+        # limiter's lock, so a concurrent burst cannot all slip past), and give the claims
+        # back if the password turns out right: only failures count.
         for key in keys:
-            limiter.ensure_allowed(key)
+            limiter.check(key)
+            claimed.append(key)
+    except KamengError as exc:
+        for key in claimed:
+            limiter.release(key)
+        return _refuse(ctx, "login.html", exc, email=email, next=target)
+    password = form.get("password", "")
+
+    def verify() -> tuple[int, str | None]:
+        # The slow part (argon2) on a read connection, outside the single writer.
+        with container.db.connect(write=False) as conn:
+            member_id = members.authenticate(conn, email=email, password=password)
+            return member_id, members.new_hash_if_outdated(
+                conn, member_id=member_id, password=password
+            )
+
+    try:
+        member_id, rehashed = await run_in_threadpool(verify)
     except KamengError as exc:
         return _refuse(ctx, "login.html", exc, email=email, next=target)
+    for key in claimed:
+        limiter.release(key)
 
     def job(conn: Connection) -> tuple[str, members.SessionInfo]:
         now = container.clock()
-        member_id = members.authenticate(conn, email=email, password=form.get("password", ""))
+        if rehashed is not None:
+            members.set_password_hash(conn, member_id=member_id, password_hash=rehashed)
         token = members.start_session(
             conn,
             member_id=member_id,
@@ -131,13 +157,7 @@ async def login(request: Request) -> Response:
         assert info is not None
         return token, info
 
-    try:
-        token, info = await container.writer.run_async(job)
-    except KamengError as exc:
-        if exc.code is ErrorCode.login_failed:
-            for key in keys:
-                limiter.record(key)
-        return _refuse(ctx, "login.html", exc, email=email, next=target)
+    token, info = await container.writer.run_async(job)
     ctx.log_in(token, info)
     return ctx.apply(RedirectResponse(target, status_code=303))
 
@@ -190,7 +210,12 @@ def account(request: Request) -> Response:
 
 
 def _account_page(
-    ctx: Browser, container: Container, *, error: str = "", status_code: int = 200
+    ctx: Browser,
+    container: Container,
+    *,
+    error: str = "",
+    code: str = "",
+    status_code: int = 200,
 ) -> Response:
     assert ctx.member is not None
     member_id = ctx.member.member_id
@@ -220,6 +245,7 @@ def _account_page(
         payments=pays,
         options=options,
         error=error,
+        code=code,
     )
 
 
@@ -245,6 +271,7 @@ async def topup(request: Request) -> Response:
                 ctx,
                 container,
                 error=exc.message(ctx.language),
+                code=exc.code.value,
                 status_code=exc.http_status,
             )
         )
@@ -278,6 +305,7 @@ async def topup(request: Request) -> Response:
                 ctx,
                 container,
                 error=exc.message(ctx.language),
+                code=exc.code.value,
                 status_code=exc.http_status,
             )
         )

@@ -67,6 +67,9 @@ class Browser:
     def log_out(self) -> None:
         self.session_token, self.member = "", None
         self._set[SESSION_COOKIE] = None
+        # On a shared computer the next person must not find the guest orders either.
+        self.guest_orders = {}
+        self._set[GUEST_COOKIE] = None
         # A new anonymous id too: nothing issued before logout stays valid after it.
         self.anon_id = secrets.token_urlsafe(18)
         self._set[ANON_COOKIE] = self.anon_id
@@ -148,6 +151,11 @@ def browser(request: Request, container: Container) -> Browser:
             ctx._set[SESSION_COOKIE] = None  # expired or revoked: drop it
         else:
             ctx.session_token, ctx.member = token, info
+            if info.stale:
+                # An active member stays logged in: slide the expiry (server and cookie).
+                with container.db.connect() as conn:
+                    members.touch_session(conn, token=token, now=container.clock())
+                ctx._set[SESSION_COOKIE] = token
     return ctx
 
 

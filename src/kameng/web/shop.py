@@ -109,11 +109,14 @@ async def lookup(request: Request) -> Response:
     form = await form_data(request)
     try:
         ctx.check_csrf(form.get("csrf_token"))
+        request.app.state.lookup_limiter.check(request.client.host if request.client else "")
     except KamengError as exc:
-        return _error_page(ctx, exc)
-    request.app.state.lookup_limiter.check(request.client.host if request.client else "")
+        response = _error_page(ctx, exc)
+        if exc.code is ErrorCode.rate_limited:
+            response.headers["Retry-After"] = str(exc.params.get("retry_after", 60))
+        return response
     order_no = normalize_order_no(form.get("order_no", ""))[:40]
-    secret = form.get("secret", "")[:40].strip().upper()
+    secret = order_queries.normalize_secret(form.get("secret", "")[:40])
 
     def find() -> Any:
         with container.db.connect(write=False) as conn:
@@ -122,13 +125,20 @@ async def lookup(request: Request) -> Response:
             )
 
     if await run_in_threadpool(find) is None:
-        return render(ctx, "error.html", status_code=404, message=ctx_text(ctx, "unknown_order"))
+        return _unknown_order(ctx)
     ctx.remember_guest_order(order_no, secret)
     return ctx.apply(RedirectResponse(f"/orders/{order_no}", status_code=303))
 
 
-def ctx_text(ctx: Browser, key: str) -> str:
-    return TEXT[ctx.language][key]
+def _unknown_order(ctx: Browser) -> Response:
+    """Unknown order and wrong secret look the same (no hint which orders exist)."""
+    return render(
+        ctx,
+        "error.html",
+        status_code=404,
+        code=ErrorCode.order_not_found.value,
+        message=TEXT[ctx.language]["unknown_order"],
+    )
 
 
 # -- the order form ------------------------------------------------------------------------------
@@ -142,6 +152,7 @@ def _form_page(
     values: dict[str, str] | None = None,
     problems: list[dict[str, Any]] | None = None,
     error: str = "",
+    error_code: str = "",
     duplicate: bool = False,
     status_code: int = 200,
 ) -> Response:
@@ -167,6 +178,7 @@ def _form_page(
         values=values or {},
         field_errors=field_errors,
         error=error,
+        code=error_code,
         duplicate=duplicate,
         options=options,
         balance=balance,
@@ -216,6 +228,7 @@ async def buy(request: Request, code: str) -> Response:
                 retry,
                 problems=problems,
                 error=exc.message(ctx.language),
+                error_code=exc.code.value,
                 status_code=exc.http_status,
             )
         )
@@ -291,6 +304,7 @@ async def buy(request: Request, code: str) -> Response:
             functools.partial(
                 retry,
                 error=exc.message(ctx.language),
+                error_code=exc.code.value,
                 duplicate=duplicate,
                 status_code=exc.http_status,
             )
@@ -369,7 +383,7 @@ def _order_view(request: Request, order_no: str, *, template: str) -> Response:
     with container.db.connect(write=False) as conn:
         order = _owns(conn, ctx, container, order_no)
     if order is None:
-        return render(ctx, "error.html", status_code=404, message=ctx_text(ctx, "unknown_order"))
+        return _unknown_order(ctx)
     # A write transaction only when keys are shown: each showing is audited.
     write = order.status in api_render.DELIVERED_STATES
     with container.db.connect(write=write) as conn:
