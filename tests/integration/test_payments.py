@@ -510,3 +510,20 @@ def test_money_owed_to_a_guest_is_paid_back_through_the_gateway(tmp_path: Path) 
         again = run_cli(rig.container, "payments", "payout", order_no)
         assert again.returncode == 2 and "nothing is owed" in again.stderr
         factories.assert_books_clean(rig.container)
+
+
+def test_health_and_metrics_show_what_waits_on_gateways_and_on_staff(tmp_path: Path) -> None:
+    with shop_rig("sqlite", tmp_path) as rig:
+        sku = factories.add_product(rig.container, stock=3, price_cents=1000)
+        _, waiting = pending_order(rig, sku)
+        _, wrong = pending_order(rig, sku)
+        assert notify(rig, out_trade_no=wrong, money="1.00") == "success"
+        health = httpx.get(f"{rig.url}/healthz", timeout=10).json()["pipeline"]["payments"]
+        assert health == {"pending": 1, "flagged": 1, "checks_overdue": 0}
+        metrics = httpx.get(f"{rig.url}/metrics", timeout=10).text
+        assert "kameng_payments_flagged 1.0" in metrics
+        assert "kameng_payments_pending 1.0" in metrics
+        assert 'kameng_payment_statements_total{channel="notify",outcome="amount_mismatch"}' in (
+            metrics
+        )
+        assert rig.payment(waiting).state == "pending"

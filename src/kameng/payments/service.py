@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -519,3 +519,27 @@ def record_payout(
         actor=actor,
         memo=memo[:500],
     )
+
+
+def health_counts(conn: Connection, *, now: datetime) -> dict[str, int]:
+    """For /healthz and /metrics: what waits on gateways, and what waits on a person."""
+    by_state: dict[str, int] = {
+        state: int(n)
+        for state, n in conn.execute(
+            select(_pay.c.state, func.count())
+            .where(_pay.c.state.in_([PaymentState.pending.value, PaymentState.flagged.value]))
+            .group_by(_pay.c.state)
+        )
+    }
+    overdue = conn.execute(
+        select(func.count())
+        .select_from(_pay)
+        .where(
+            _pay.c.next_check_at.is_not(None), _pay.c.next_check_at < now - timedelta(seconds=60)
+        )
+    ).scalar_one()
+    return {
+        "payments_pending": int(by_state.get(PaymentState.pending.value, 0)),
+        "payments_flagged": int(by_state.get(PaymentState.flagged.value, 0)),
+        "payment_checks_overdue": int(overdue),
+    }

@@ -45,6 +45,7 @@ _beat = table(WorkerHeartbeat)
 
 def snapshot(container: Any) -> dict[str, Any]:
     """The figures `/healthz` and `/metrics` share."""
+    from kameng.payments import service as payments
     from kameng.pipeline import outbox
     from kameng.suppliers import service as suppliers
 
@@ -82,7 +83,9 @@ def snapshot(container: Any) -> dict[str, Any]:
         )
         health = suppliers.health(conn, now=now)
         pending = outbox.pending_count(conn)
+        pay = payments.health_counts(conn, now=now)
     return {
+        **pay,
         "workers_alive": workers,
         "due_orders": due,
         "overdue_orders": overdue,
@@ -115,6 +118,21 @@ class PipelineCollector(Collector):
                 "oldest_paid_undelivered_s",
             ),
             ("kameng_outbox_pending", "Notifications waiting to be sent", "outbox_pending"),
+            (
+                "kameng_payments_pending",
+                "Gateway payments not yet confirmed (asked about by the worker)",
+                "payments_pending",
+            ),
+            (
+                "kameng_payments_flagged",
+                "Payments whose amount or currency differed: staff must look",
+                "payments_flagged",
+            ),
+            (
+                "kameng_payment_checks_overdue",
+                "Payments due for a gateway query for more than 60 s",
+                "payment_checks_overdue",
+            ),
         ):
             yield GaugeMetricFamily(name, help_text, value=float(snap[key]))
         circuit = GaugeMetricFamily(
@@ -173,6 +191,11 @@ class HealthCache:
                     "overdue_orders": snap["overdue_orders"],
                     "oldest_paid_undelivered_s": round(snap["oldest_paid_undelivered_s"], 1),
                     "outbox_pending": snap["outbox_pending"],
+                    "payments": {
+                        "pending": snap["payments_pending"],
+                        "flagged": snap["payments_flagged"],
+                        "checks_overdue": snap["payment_checks_overdue"],
+                    },
                     "suppliers": {
                         h.code: {
                             "circuit": h.circuit_state,
