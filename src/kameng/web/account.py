@@ -10,7 +10,7 @@ logged-in member's own rows: every query is keyed by the session's member id.
 from __future__ import annotations
 
 import functools
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -50,6 +50,22 @@ def _safe_next(target: str | None) -> str:
     return "/account"
 
 
+def _new_session(
+    conn: Connection, ctx: Browser, request: Request, *, member_id: int, now: datetime
+) -> tuple[str, members.SessionInfo]:
+    """A new session id for the member (the browser's previous one is dropped: rotation)."""
+    token = members.start_session(
+        conn,
+        member_id=member_id,
+        previous_token=ctx.session_token or None,
+        ip=client_ip(request),
+        now=now,
+    )
+    info = members.resolve_session(conn, token=token, now=now)
+    assert info is not None
+    return token, info
+
+
 @router.get("/register")
 def register_page(request: Request) -> Response:
     return render(browser(request, _container(request)), "register.html", error="", email="")
@@ -78,16 +94,7 @@ async def register(request: Request) -> Response:
         member_id = members.register(
             conn, email=email, password_hash=password_hash, language=ctx.language, now=now
         )
-        token = members.start_session(
-            conn,
-            member_id=member_id,
-            previous_token=ctx.session_token or None,
-            ip=client_ip(request),
-            now=now,
-        )
-        info = members.resolve_session(conn, token=token, now=now)
-        assert info is not None
-        return token, info
+        return _new_session(conn, ctx, request, member_id=member_id, now=now)
 
     try:
         token, info = await container.writer.run_async(job)
@@ -146,16 +153,7 @@ async def login(request: Request) -> Response:
         now = container.clock()
         if rehashed is not None:
             members.set_password_hash(conn, member_id=member_id, password_hash=rehashed)
-        token = members.start_session(
-            conn,
-            member_id=member_id,
-            previous_token=ctx.session_token or None,
-            ip=client_ip(request),
-            now=now,
-        )
-        info = members.resolve_session(conn, token=token, now=now)
-        assert info is not None
-        return token, info
+        return _new_session(conn, ctx, request, member_id=member_id, now=now)
 
     token, info = await container.writer.run_async(job)
     ctx.log_in(token, info)
