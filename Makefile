@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/orders.py --db sqlite
 	$(BIN)/python bench/orders.py --db postgresql
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/payments.py
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -148,6 +148,7 @@ def create_app(container: Container | None = None, *, embedded_worker: bool = Fa
     app.state.container = container
     app.state.adapters = Adapters(container.vault)
     app.state.gateways = Gateways(container.vault)
+    app.state.gateway_rows = {}  # gateway rows by code, cached briefly for notifies
     pipeline_registry = CollectorRegistry(auto_describe=True)
     pipeline_registry.register(PipelineCollector(container))
     health = HealthCache(container)
@@ -157,6 +158,7 @@ def create_app(container: Container | None = None, *, embedded_worker: bool = Fa
         limit=settings.login_failures_per_window, window_s=settings.login_window_s
     )
     app.state.register_limiter = RateLimiter(limit=settings.registrations_per_hour, window_s=3600)
+    app.state.checkout_limiter = RateLimiter(limit=settings.checkouts_per_minute, window_s=60)
 
     @app.exception_handler(KamengError)
     async def _kameng_error(request: Request, exc: KamengError) -> JSON:

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     )
     login_window_s: int = 300
     registrations_per_hour: int = Field(default=10, description="Per IP")
+    checkouts_per_minute: int = Field(
+        default=20, description="Storefront orders and top-ups started per IP per minute"
+    )
 
     @property
     def callback_base_url(self) -> str:

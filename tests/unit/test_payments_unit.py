@@ -180,3 +180,31 @@ def test_closed_orders_open_only_for_a_late_payment() -> None:
         check_transition(Status.completed, Status.paid, late_payment=True)
     with pytest.raises(TransitionError):
         check_transition(Status.canceled, Status.paid, late_payment=True)
+
+
+def test_reconcile_says_when_the_gateway_cannot_list_its_trades() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from kameng.payments.reconcile import reconcile_gateway
+
+    class NoListing:
+        async def query(self, payment_no: str) -> GatewayRecord:
+            return GatewayRecord(RecordState.paid, payment_no=payment_no, amount_cents=100)
+
+        async def recent(self, *, limit: int, offset: int = 0) -> None:
+            return None
+
+    report = asyncio.run(
+        reconcile_gateway(
+            gateway=SimpleNamespace(id=1, code="g"),
+            adapter=NoListing(),  # type: ignore[arg-type]
+            read=lambda fn: {"K1": ("paid", 100)},
+            clearing=1,
+            since=datetime(2026, 1, 1, tzinfo=UTC),
+            until=datetime(2026, 2, 1, tzinfo=UTC),
+        )
+    )
+    assert report.checked == 1
+    assert [m.kind for m in report.mismatches] == [MismatchKind.unchecked]
+    assert "cannot list" in report.mismatches[0].detail

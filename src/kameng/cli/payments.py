@@ -214,11 +214,11 @@ def reconcile(
 def owed() -> None:
     """Money kept for guests (refunded orders, payments that came too late), to pay back."""
     from kameng.money import format_cents
-    from kameng.payments import service as payments
+    from kameng.payments import staff
 
     container = _container()
     with container.db.connect(write=False) as conn:
-        rows = payments.owed_to_guests(conn)
+        rows = staff.owed_to_guests(conn)
     table = Table("order_no", "payment_no", "owed")
     for r in rows:
         table.add_row(r.order_no, r.payment_no, format_cents(r.owed_cents))
@@ -240,11 +240,12 @@ def payout(
     from kameng.audit import service as audit
     from kameng.money import format_cents
     from kameng.payments import service as payments
+    from kameng.payments import staff
     from kameng.payments.registry import build_gateway
 
     container = _container()
     with container.db.connect(write=False) as conn:
-        row = {r.order_no: r for r in payments.owed_to_guests(conn)}.get(order_no)
+        row = {r.order_no: r for r in staff.owed_to_guests(conn)}.get(order_no)
         gateway = payments.get_gateway(conn, gateway_id=row.gateway_id) if row else None
     if row is None or gateway is None:
         err_console.print(f"nothing is owed for {order_no}")
@@ -266,7 +267,7 @@ def payout(
         via = f"gateway {gateway.code}"
     accounts = container.accounts  # resolved before the write transaction opens
     with container.db.unit_of_work() as session:
-        payments.record_payout(
+        staff.record_payout(
             session.connection(),
             order_no=order_no,
             amount_cents=row.owed_cents,
@@ -284,3 +285,84 @@ def payout(
             details={"amount": format_cents(row.owed_cents), "via": via},
         )
     console.print(f"paid back {format_cents(row.owed_cents)} for {order_no} via {via}")
+
+
+@payments_app.command("resolve")
+def resolve(
+    payment_no: Annotated[str, typer.Argument(help="A flagged payment (see `payments list`)")],
+    accept: Annotated[
+        bool, typer.Option("--accept", help="Credit the money that arrived to the payer")
+    ] = False,
+    refund: Annotated[
+        bool, typer.Option("--refund", help="Send it back through the gateway's refund API")
+    ] = False,
+    manual_refund: Annotated[
+        bool, typer.Option("--manual-refund", help="Staff sent it back some other way")
+    ] = False,
+    amount: Annotated[
+        str | None, typer.Option(help="With --accept: the amount that arrived, if unreadable")
+    ] = None,
+    actor: ActorOpt = None,
+) -> None:
+    """Decide about a flagged payment (a different amount or currency arrived). Audited; the
+    order's timeline says what was decided."""
+    from kameng.audit import service as audit
+    from kameng.money import parse_amount
+    from kameng.payments import service as payments
+    from kameng.payments import staff
+    from kameng.payments.registry import build_gateway
+
+    if sum((accept, refund, manual_refund)) != 1:
+        raise KamengError(
+            ErrorCode.invalid_request, detail="choose one of --accept, --refund, --manual-refund"
+        )
+    container = _container()
+    deps = container.payment_deps  # resolved before the write transaction opens
+    who = _actor(actor)
+    with container.db.connect(write=False) as conn:
+        pay = payments.find_payment(conn, payment_no=payment_no)
+        gateway = payments.get_gateway(conn, gateway_id=pay.gateway_id)
+    if pay.state != "flagged":
+        raise KamengError(ErrorCode.invalid_transition, from_status=pay.state, to_status="resolved")
+    if refund:
+        if pay.reported_cents is None:
+            raise KamengError(
+                ErrorCode.invalid_amount, detail="unknown amount: use --manual-refund"
+            )
+        adapter = build_gateway(gateway, container.vault)
+
+        async def send() -> tuple[bool, str]:
+            try:
+                return await adapter.refund(payment_no, pay.reported_cents)
+            finally:
+                await adapter.aclose()
+
+        done, message = asyncio.run(send())
+        if not done:
+            err_console.print(f"the gateway refused the refund: {message}")
+            raise typer.Exit(1)
+    with container.db.unit_of_work() as session:
+        conn = session.connection()
+        now = container.clock()
+        if accept:
+            outcome = staff.accept_flagged(
+                conn,
+                payment_no=payment_no,
+                amount_cents=parse_amount(amount) if amount else None,
+                deps=deps,
+                actor=who,
+                now=now,
+            )
+        else:
+            via = "gateway" if refund else "manual"
+            staff.mark_returned(conn, payment_no=payment_no, via=via, actor=who, now=now)
+            outcome = f"returned_{via}"
+        audit.record(
+            session,
+            actor=who,
+            action="payment.resolve",
+            target_type="payment",
+            target_id=payment_no,
+            details={"outcome": outcome, "was": pay.reason},
+        )
+    console.print(f"{payment_no}: {outcome}")

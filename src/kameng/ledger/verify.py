@@ -144,17 +144,20 @@ STOCK_CHECKS: dict[str, str] = {
         SELECT order_line_id, COUNT(*) FROM procurements WHERE state <> 'rejected'
         GROUP BY order_line_id HAVING COUNT(*) > 1
     """,
-    # A gateway payment is in the ledger exactly when it is paid, once, for its own amount.
+    # A gateway payment is in the ledger exactly when it is paid, once, for the amount the
+    # gateway reported (its own amount, unless staff accepted a different one).
     "payments_posted_once": """
-        SELECT p.payment_no, p.state, p.amount_cents, COUNT(t.id) AS posted,
+        SELECT p.payment_no, p.state, p.amount_cents, p.reported_cents, COUNT(t.id) AS posted,
                COALESCE(SUM(e.amount_cents), 0) AS credited
         FROM payments p
         LEFT JOIN ledger_transactions t ON t.kind = 'payment' AND t.ref_type = 'payment'
              AND t.ref_id = p.id
         LEFT JOIN ledger_entries e ON e.transaction_id = t.id AND e.amount_cents > 0
-        GROUP BY p.id, p.payment_no, p.state, p.amount_cents
-        HAVING (p.state = 'paid' AND (COUNT(t.id) <> 1
-                                      OR COALESCE(SUM(e.amount_cents), 0) <> p.amount_cents))
+        GROUP BY p.id, p.payment_no, p.state, p.amount_cents, p.reported_cents
+        HAVING (p.state = 'paid'
+                AND (COUNT(t.id) <> 1
+                     OR COALESCE(SUM(e.amount_cents), 0)
+                        <> COALESCE(p.reported_cents, p.amount_cents)))
             OR (p.state <> 'paid' AND COUNT(t.id) > 0)
     """,
     "payment_transactions_have_payments": """

@@ -236,7 +236,7 @@ def accept_payment(
     return "late_fulfilment_started" if late else "fulfilment_started"
 
 
-def flag_payment_problem(
+def note_payment_problem(
     conn: Connection,
     *,
     order_id: int,
@@ -245,19 +245,62 @@ def flag_payment_problem(
     now: datetime,
     details: dict[str, Any],
 ) -> None:
-    """Tell the buyer (on the order's timeline) that their payment needs a person."""
+    """Say on the order's timeline what happened to a payment that could not simply be applied
+    (a different amount, money sent back, ...). An unpaid order keeps waiting with this reason;
+    a closed one stays closed, with the event added."""
+    order = _lock(conn, order_id)
+    status = Status(order.status)
+    if status is Status.pending_payment:
+        orders.transition(
+            conn,
+            order=order,
+            to_status=status,
+            reason=reason,
+            actor=actor,
+            now=now,
+            next_action_at=order.next_action_at,
+            details=details,
+        )
+    elif status in (Status.expired, Status.canceled):
+        orders.transition(
+            conn,
+            order=order,
+            to_status=status,
+            reason=reason,
+            actor=actor,
+            now=now,
+            details=details,
+            late_payment=True,
+        )
+
+
+def close_unpaid(
+    conn: Connection,
+    *,
+    order_id: int,
+    reason: str,
+    actor: str,
+    now: datetime,
+    details: dict[str, Any],
+) -> None:
+    """An unpaid order that will not be paid (its payment was short and credited, or sent
+    back): cancel it now rather than let it wait for its deadline."""
     order = _lock(conn, order_id)
     if order.status != Status.pending_payment.value:
+        note_payment_problem(
+            conn, order_id=order_id, reason=reason, actor=actor, now=now, details=details
+        )
         return
     orders.transition(
         conn,
         order=order,
-        to_status=Status.pending_payment,
+        to_status=Status.canceled,
         reason=reason,
         actor=actor,
         now=now,
-        next_action_at=order.next_action_at,
+        next_action_at=None,
         details=details,
+        extra_values={"sla_deadline": None},
     )
 
 

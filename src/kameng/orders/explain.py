@@ -104,6 +104,10 @@ REASON_TEXT: dict[str, tuple[str, str]] = {
         "Your correction did not arrive in time; refunded to balance automatically",
     ),
     "canceled_by_buyer": ("买家取消，款项已退回余额", "Canceled by buyer; refunded to balance"),
+    "canceled_before_payment": (
+        "您在付款前取消了订单；如已付款，款项到账后会退回",
+        "You canceled before paying; if you did pay, the money is returned when it arrives",
+    ),
     "canceled_by_staff": ("客服取消，款项已退回余额", "Canceled by staff; refunded to balance"),
     "awaiting_payment": (
         "等待付款，请在截止时间前完成支付；付款后自动发货",

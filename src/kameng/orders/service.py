@@ -568,13 +568,16 @@ def cancel_order(
     actor: str,
     reason: str,
     now: datetime,
+    only_from: frozenset[Status] = CANCELABLE,
 ) -> bool:
-    """Cancel an undelivered order: release stock, void the hold. False if already canceled."""
+    """Cancel an undelivered order: release stock, void the hold. False if already canceled.
+    `only_from` narrows what may be canceled; it is checked after the row lock, so a payment
+    that lands between the caller's read and this cancel is not canceled by mistake."""
     order = _load_for_update(conn, order_no=order_no, reseller_id=reseller_id)
     status = Status(order.status)
     if status is Status.canceled:
         return False
-    if status not in CANCELABLE:
+    if status not in CANCELABLE or status not in only_from:
         raise KamengError(ErrorCode.order_not_cancelable, status=status.value)
     for (line_id,) in conn.execute(select(_line.c.id).where(_line.c.order_id == order.id)):
         inventory.release(conn, line_id=line_id)

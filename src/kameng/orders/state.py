@@ -102,10 +102,11 @@ TERMINAL: frozenset[Status] = frozenset(s for s, nxt in TRANSITIONS.items() if n
 # gateway can confirm a payment after the payment window (a slow bank, a lost notify found by
 # the active query); that money is never ignored. The order is fulfilled if it still can be
 # (expired -> paid), otherwise the money is credited back and the order says so (-> refunded).
-# Kept apart from TRANSITIONS so nothing but a confirmed late payment can use these doors.
+# Kept apart from TRANSITIONS so nothing but a payment that arrives late can use these doors.
 LATE_PAYMENT: dict[Status, frozenset[Status]] = {
-    Status.expired: frozenset({Status.paid, Status.refunded}),
-    Status.canceled: frozenset({Status.refunded}),
+    # ... and a same-status event says what became of money that could not be applied.
+    Status.expired: frozenset({Status.paid, Status.refunded, Status.expired}),
+    Status.canceled: frozenset({Status.refunded, Status.canceled}),
 }
 
 # Statuses in which the buyer has paid and nothing has been delivered yet: money is held.

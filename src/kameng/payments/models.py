@@ -42,6 +42,7 @@ class PaymentState(StrEnum):
     paid = "paid"  # proven paid (signed notify or the gateway's query); money is in the ledger
     flagged = "flagged"  # the gateway says paid, but something differs: staff must look
     closed = "closed"  # never paid, and we stopped asking
+    returned = "returned"  # flagged money sent back to the payer (never in our books)
 
 
 class PaymentGateway(Base):

@@ -115,6 +115,8 @@ def classify(
         )
     paid = record.state is RecordState.paid
     theirs = record.amount_cents if paid else None
+    if state == "returned" and recorded == 0:
+        return None  # flagged money staff sent back: never in our books, rightly
     if paid and recorded == 0:
         return Mismatch(MismatchKind.paid_not_recorded, payment_no, gateway, state, 0, theirs)
     if not paid and recorded > 0:
@@ -166,8 +168,21 @@ async def reconcile_gateway(
         if found is not None:
             report.mismatches.append(found)
 
-    # Trades the gateway holds for us that we never opened (or opened before the period).
+    # Trades the gateway lists for us beyond those: never opened by us, or opened before the
+    # period (and perhaps paid since). Each is compared with what our ledger holds for it.
     listed = await adapter.recent(limit=min(list_limit, 50))
+    if listed is None:
+        report.mismatches.append(
+            Mismatch(
+                MismatchKind.unchecked,
+                "*",
+                gateway.code,
+                "-",
+                0,
+                None,
+                "the gateway cannot list its trades: trades we never opened were not checked",
+            )
+        )
     offset = 0
     seen = set(numbers)
     while listed:
@@ -178,11 +193,9 @@ async def reconcile_gateway(
             mine = read(
                 functools.partial(recorded_one, payment_no=record.payment_no, clearing=clearing)
             )
-            if mine is not None:
-                continue  # opened outside the period: reconciled when its period is
             report.checked += 1
             found = classify(
-                payment_no=record.payment_no, gateway=gateway.code, ours=None, record=record
+                payment_no=record.payment_no, gateway=gateway.code, ours=mine, record=record
             )
             if found is not None:
                 report.mismatches.append(found)

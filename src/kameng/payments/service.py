@@ -26,9 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from kameng.db import table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
-from kameng.ledger.models import Account
 from kameng.orders import checkout
-from kameng.orders.models import Order
 from kameng.orders.numbers import new_order_no
 from kameng.payments.models import (
     GatewayKind,
@@ -55,6 +53,7 @@ class Outcome(StrEnum):
     late_payment_credited = "late_payment_credited"
     topup_credited = "topup_credited"
     duplicate = "duplicate"  # already applied: acknowledged, nothing moves
+    second_trade = "second_trade"  # paid again in another gateway trade: staff must refund it
     amount_mismatch = "amount_mismatch"
     currency_mismatch = "currency_mismatch"
     already_flagged = "already_flagged"
@@ -75,6 +74,7 @@ ACKNOWLEDGED = frozenset(
         Outcome.late_payment_credited,
         Outcome.topup_credited,
         Outcome.duplicate,
+        Outcome.second_trade,
         Outcome.amount_mismatch,
         Outcome.currency_mismatch,
         Outcome.already_flagged,
@@ -229,11 +229,15 @@ def find_payment(conn: Connection, *, payment_no: str) -> Any:
     return row
 
 
+def payment_or_none(conn: Connection, *, payment_no: str) -> Any | None:
+    return conn.execute(select(_pay).where(_pay.c.payment_no == payment_no)).first()
+
+
 def payment_of_order(conn: Connection, *, order_id: int) -> Any | None:
     return conn.execute(select(_pay).where(_pay.c.order_id == order_id)).first()
 
 
-def _lock_payment(conn: Connection, payment_no: str) -> Any | None:
+def lock_payment(conn: Connection, payment_no: str) -> Any | None:
     stmt = select(_pay).where(_pay.c.payment_no == payment_no)
     if conn.dialect.name == "postgresql":
         stmt = stmt.with_for_update()
@@ -269,7 +273,7 @@ def record_statement(
     )
 
 
-def _payer_wallet(conn: Connection, pay: Any) -> int:
+def payer_wallet(conn: Connection, pay: Any) -> int:
     if pay.wallet_id is not None:
         return int(pay.wallet_id)
     if pay.member_id is not None:
@@ -289,12 +293,17 @@ def apply_confirmation(
 ) -> Outcome:
     """Apply a gateway's proof that a trade is paid. Idempotent; never raises for a statement
     that does not fit (the outcome says why), so the caller can always record and answer."""
-    pay = _lock_payment(conn, confirmation.payment_no)
+    pay = lock_payment(conn, confirmation.payment_no)
     if pay is None:
         return Outcome.unknown_payment
     if pay.gateway_id != gateway.id:
         return Outcome.wrong_gateway
     if pay.state == PaymentState.paid.value:
+        if confirmation.gateway_trade_no and confirmation.gateway_trade_no != (
+            pay.gateway_trade_no or confirmation.gateway_trade_no
+        ):
+            # The same order paid twice at the gateway (two trades): never silently absorbed.
+            return Outcome.second_trade
         return Outcome.duplicate
     if pay.state == PaymentState.flagged.value:
         return Outcome.already_flagged
@@ -305,7 +314,7 @@ def apply_confirmation(
         "last_checked_at": now,
     }
     problem: Outcome | None = None
-    if confirmation.currency != pay.currency:
+    if confirmation.currency.upper() != pay.currency.upper():
         problem = Outcome.currency_mismatch
     elif confirmation.amount_cents != pay.amount_cents:
         problem = Outcome.amount_mismatch
@@ -321,7 +330,7 @@ def apply_confirmation(
             )
         )
         if pay.order_id is not None:
-            checkout.flag_payment_problem(
+            checkout.note_payment_problem(
                 conn,
                 order_id=pay.order_id,
                 reason=f"payment_{problem.value}",
@@ -335,7 +344,7 @@ def apply_confirmation(
             )
         return problem
 
-    wallet_id = _payer_wallet(conn, pay)
+    wallet_id = payer_wallet(conn, pay)
     txn_id = ledger.post(
         conn,
         kind="payment",
@@ -411,6 +420,35 @@ def apply_query(
 ) -> str:
     """Apply the answer to an active query: a paid record is a confirmation like a notify;
     anything else schedules the next ask, until the payment is given up (`closed`)."""
+    if record.state is RecordState.paid and record.payment_no not in ("", payment_no):
+        # An answer about another trade says nothing about ours: ask again later.
+        record = GatewayRecord(RecordState.unreachable, payment_no=payment_no, detail="mismatch")
+    if record.state is RecordState.paid and record.amount_cents is None:
+        # Paid, in an amount we cannot read: a person must look (never "never paid").
+        pay = lock_payment(conn, payment_no)
+        if pay is None or pay.state != PaymentState.pending.value:
+            return "settled"
+        conn.execute(
+            update(_pay)
+            .where(_pay.c.id == pay.id)
+            .values(
+                state=PaymentState.flagged.value,
+                reason="unreadable_amount",
+                next_check_at=None,
+                gateway_trade_no=record.gateway_trade_no,
+                last_checked_at=now,
+            )
+        )
+        record_statement(
+            conn,
+            gateway_id=gateway.id,
+            channel="query",
+            outcome="unreadable_amount",
+            payment_no=payment_no,
+            gateway_trade_no=record.gateway_trade_no,
+            now=now,
+        )
+        return "unreadable_amount"
     if record.state is RecordState.paid and record.amount_cents is not None:
         outcome = apply_confirmation(
             conn,
@@ -436,7 +474,7 @@ def apply_query(
             now=now,
         )
         return outcome.value
-    pay = _lock_payment(conn, payment_no)
+    pay = lock_payment(conn, payment_no)
     if pay is None or pay.state != PaymentState.pending.value:
         return "settled"
     count = pay.checks + 1
@@ -446,6 +484,23 @@ def apply_query(
         values.update(state=PaymentState.closed.value, reason=f"never_paid_{record.state.value}")
     conn.execute(update(_pay).where(_pay.c.id == pay.id).values(**values))
     return record.state.value if due is not None else "closed"
+
+
+def request_final_check(
+    conn: Connection, *, order_id: int, deadline: datetime, now: datetime
+) -> bool:
+    """At an order's payment deadline: if its payment is still pending and nobody has asked the
+    gateway since the deadline, ask now (True). The order waits for that answer instead of
+    closing first and treating a payment made in time as late."""
+    pay = conn.execute(
+        select(_pay.c.id, _pay.c.state, _pay.c.last_checked_at).where(_pay.c.order_id == order_id)
+    ).first()
+    if pay is None or pay.state != PaymentState.pending.value:
+        return False
+    if pay.last_checked_at is not None and pay.last_checked_at >= deadline:
+        return False
+    conn.execute(update(_pay).where(_pay.c.id == pay.id).values(next_check_at=now))
+    return True
 
 
 def list_payments(
@@ -466,61 +521,6 @@ def list_payments(
     return list(conn.execute(stmt))
 
 
-# -- money owed to guests ------------------------------------------------------------------------
-
-
-def owed_to_guests(conn: Connection) -> list[Any]:
-    """Guest orders whose money sits in their own wallet (refunded, or paid too late): each row
-    is (order_no, payment_no, gateway_id, wallet_id, owed_cents)."""
-    acc = table(Account)
-    order = table(Order)
-    return list(
-        conn.execute(
-            select(
-                order.c.order_no,
-                _pay.c.payment_no,
-                _pay.c.gateway_id,
-                acc.c.id.label("wallet_id"),
-                acc.c.balance_cents.label("owed_cents"),
-            )
-            .select_from(
-                acc.join(order, order.c.id == acc.c.owner_id).join(
-                    _pay, _pay.c.order_id == order.c.id
-                )
-            )
-            .where(acc.c.owner_type == "guest", acc.c.balance_cents > 0)
-            .order_by(order.c.id)
-        )
-    )
-
-
-def record_payout(
-    conn: Connection,
-    *,
-    order_no: str,
-    amount_cents: int,
-    accounts: ledger.PlatformAccounts,
-    actor: str,
-    memo: str,
-    now: datetime,
-) -> int:
-    """Money owed to a guest has left the platform (through the gateway or by staff): the
-    guest's wallet pays it to the refunds account. Refuses more than is owed."""
-    owed = {r.order_no: r for r in owed_to_guests(conn)}.get(order_no)
-    if owed is None or not 0 < amount_cents <= owed.owed_cents:
-        raise KamengError(ErrorCode.invalid_amount, detail="more than is owed for this order")
-    return ledger.post(
-        conn,
-        kind="payout",
-        legs=[(int(owed.wallet_id), -amount_cents), (accounts.refunds, amount_cents)],
-        now=now,
-        ref_type="payment",
-        ref_id=int(find_payment(conn, payment_no=owed.payment_no).id),
-        actor=actor,
-        memo=memo[:500],
-    )
-
-
 def health_counts(conn: Connection, *, now: datetime) -> dict[str, int]:
     """For /healthz and /metrics: what waits on gateways, and what waits on a person."""
     by_state: dict[str, int] = {
@@ -538,7 +538,12 @@ def health_counts(conn: Connection, *, now: datetime) -> dict[str, int]:
             _pay.c.next_check_at.is_not(None), _pay.c.next_check_at < now - timedelta(seconds=60)
         )
     ).scalar_one()
+    from kameng.payments.staff import owed_summary  # staff builds on this module
+
+    owed, owed_oldest_s = owed_summary(conn, now=now)
     return {
+        "payments_owed_to_guests": owed,
+        "payments_owed_oldest_s": int(owed_oldest_s),
         "payments_pending": int(by_state.get(PaymentState.pending.value, 0)),
         "payments_flagged": int(by_state.get(PaymentState.flagged.value, 0)),
         "payment_checks_overdue": int(overdue),

@@ -129,6 +129,16 @@ class PipelineCollector(Collector):
                 "payments_flagged",
             ),
             (
+                "kameng_payments_owed_to_guests",
+                "Guest orders whose money waits to be paid back (kameng payments owed)",
+                "payments_owed_to_guests",
+            ),
+            (
+                "kameng_payments_owed_oldest_seconds",
+                "How long the oldest money owed to a guest has waited",
+                "payments_owed_oldest_s",
+            ),
+            (
                 "kameng_payment_checks_overdue",
                 "Payments due for a gateway query for more than 60 s",
                 "payment_checks_overdue",
@@ -195,6 +205,8 @@ class HealthCache:
                         "pending": snap["payments_pending"],
                         "flagged": snap["payments_flagged"],
                         "checks_overdue": snap["payment_checks_overdue"],
+                        "owed_to_guests": snap["payments_owed_to_guests"],
+                        "owed_oldest_s": snap["payments_owed_oldest_s"],
                     },
                     "suppliers": {
                         h.code: {

@@ -26,8 +26,21 @@ log = logging.getLogger("kameng.payments")
 LEASE_S = 60
 
 
-async def check_due(container: Container, gateways: Gateways, *, limit: int = 20) -> int:
-    """Query what is due; returns how many payments were asked about."""
+async def check_due(
+    container: Container, gateways: Gateways, *, limit: int = 20, max_rounds: int = 10
+) -> int:
+    """Query what is due, a round of `limit` at a time until nothing due is left (at most
+    `max_rounds`, so one call stays short); returns how many payments were asked about."""
+    total = 0
+    for _ in range(max_rounds):
+        asked = await _round(container, gateways, limit=limit)
+        total += asked
+        if asked < limit:
+            break
+    return total
+
+
+async def _round(container: Container, gateways: Gateways, *, limit: int) -> int:
     now = container.clock()
 
     def claim(conn: Connection) -> list[tuple[Any, Any]]:
@@ -42,17 +55,23 @@ async def check_due(container: Container, gateways: Gateways, *, limit: int = 20
         except Exception as exc:  # an adapter bug must not stop the other checks
             log.warning("payment query failed: %s", type(exc).__name__)
             record = GatewayRecord(RecordState.unreachable, payment_no=row.payment_no)
-        outcome = await container.writer.run_async(
-            functools.partial(
-                payments.apply_query,
-                gateway=gateway,
-                payment_no=row.payment_no,
-                record=record,
-                deps=container.payment_deps,
-                checks=container.payment_checks,
-                now=container.clock(),
+        try:
+            outcome = await container.writer.run_async(
+                functools.partial(
+                    payments.apply_query,
+                    gateway=gateway,
+                    payment_no=row.payment_no,
+                    record=record,
+                    deps=container.payment_deps,
+                    checks=container.payment_checks,
+                    now=container.clock(),
+                )
             )
-        )
+        except Exception as exc:
+            # Rolled back; the lease brings the payment back in a minute. Logged and counted
+            # so a payment that keeps failing is seen, not retried in silence.
+            log.error("applying the query of %s failed: %s", row.payment_no, type(exc).__name__)
+            outcome = "error"
         PAYMENT_STATEMENTS.labels("query", outcome).inc()
 
     await asyncio.gather(*(one(r, g) for r, g in batch))

@@ -25,6 +25,7 @@ from kameng.ledger import service as ledger
 from kameng.orders import checkout, fulfil
 from kameng.orders.models import OrderEvent
 from kameng.orders.state import TERMINAL, Stage, Status
+from kameng.payments import service as payments
 from kameng.pipeline import apply, outbox
 from kameng.pipeline.apply import Timing, cap_at_deadline
 from kameng.pipeline.registry import Adapters
@@ -43,6 +44,10 @@ _offer_table = table(SupplierOffer)
 # A purchase the supplier says it never received is re-sent under the same out-trade-no (they
 # deduplicate on it) this many times before we give up on that supplier for this order.
 RESEND_LIMIT = 3
+# At a payment deadline the gateway is asked once more before the order closes; the order
+# waits this long for the answer, and never more than the grace in all.
+FINAL_CHECK_WAIT = timedelta(seconds=15)
+FINAL_CHECK_GRACE = timedelta(minutes=10)
 
 
 @dataclass
@@ -204,6 +209,15 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
         return Plan("done", "waiting_staff")
 
     if status is Status.pending_payment:
+        deadline = order.sla_deadline
+        if (
+            deadline is not None
+            and deadline <= now < deadline + FINAL_CHECK_GRACE
+            and payments.request_final_check(conn, order_id=order.id, deadline=deadline, now=now)
+        ):
+            # Ask the gateway once more before closing: a buyer who paid in time is not late.
+            fulfil.reschedule(conn, order=order, next_action_at=now + FINAL_CHECK_WAIT)
+            return Plan("done", "final_payment_check")
         expired = checkout.expire_unpaid(conn, order=order, now=now)
         return Plan("done", "payment_expired" if expired else "awaiting_payment")
 

@@ -35,6 +35,7 @@ from kameng.web.templating import render
 router = APIRouter(include_in_schema=False)
 
 TOPUP_MIN_CENTS = 100
+WALLET_CURRENCY = "CNY"
 TOPUP_MAX_CENTS = 5_000_000
 
 
@@ -257,6 +258,7 @@ async def topup(request: Request) -> Response:
         ctx.check_csrf(form.get("csrf_token"))
         if member is None:
             raise KamengError(ErrorCode.login_required)
+        request.app.state.checkout_limiter.check(client_ip(request))
         amount = parse_amount(form.get("amount", ""))
         if not TOPUP_MIN_CENTS <= amount <= TOPUP_MAX_CENTS:
             raise KamengError(ErrorCode.invalid_amount, detail="1.00 - 50000.00")
@@ -278,7 +280,8 @@ async def topup(request: Request) -> Response:
     def job(conn: Connection) -> str:
         now = container.clock()
         gateway = payments.get_gateway(conn, code=gateway_code[:64])
-        if not gateway.enabled:
+        if not gateway.enabled or gateway.currency != WALLET_CURRENCY:
+            # Balances are kept in one currency: a gateway in another cannot top them up.
             raise KamengError(ErrorCode.gateway_unavailable)
         return payments.open_payment(
             conn,

@@ -31,7 +31,7 @@ from kameng.orders.numbers import normalize_order_no
 from kameng.orders.state import TERMINAL, Status
 from kameng.payments import service as payments
 from kameng.payments.models import PaymentPurpose
-from kameng.web.browser import Browser, browser, form_data
+from kameng.web.browser import Browser, browser, client_ip, form_data
 from kameng.web.i18n import TEXT
 from kameng.web.templating import render
 
@@ -51,7 +51,7 @@ def _container(request: Request) -> Container:
 
 
 def _error_page(ctx: Browser, exc: KamengError, *, back: str = "/") -> Response:
-    return render(
+    response = render(
         ctx,
         "error.html",
         status_code=exc.http_status,
@@ -59,6 +59,9 @@ def _error_page(ctx: Browser, exc: KamengError, *, back: str = "/") -> Response:
         message=exc.message(ctx.language),
         back=back,
     )
+    if exc.code is ErrorCode.rate_limited:
+        response.headers["Retry-After"] = str(exc.params.get("retry_after", 60))
+    return response
 
 
 def pay_options(conn: Connection, ctx: Browser, *, balance: bool = True) -> list[dict[str, str]]:
@@ -111,10 +114,7 @@ async def lookup(request: Request) -> Response:
         ctx.check_csrf(form.get("csrf_token"))
         request.app.state.lookup_limiter.check(request.client.host if request.client else "")
     except KamengError as exc:
-        response = _error_page(ctx, exc)
-        if exc.code is ErrorCode.rate_limited:
-            response.headers["Retry-After"] = str(exc.params.get("retry_after", 60))
-        return response
+        return _error_page(ctx, exc)
     order_no = normalize_order_no(form.get("order_no", ""))[:40]
     secret = order_queries.normalize_secret(form.get("secret", "")[:40])
 
@@ -200,11 +200,12 @@ async def buy(request: Request, code: str) -> Response:
     code = code[:64]
     try:
         ctx.check_csrf(form.get("csrf_token"))
+        request.app.state.checkout_limiter.check(client_ip(request))
         sku = await run_in_threadpool(container.sku, code)
         if not sku.on_sale:
             raise KamengError(ErrorCode.sku_disabled, sku=sku.code)
     except KamengError as exc:
-        return _error_page(ctx, exc)
+        return _error_page(ctx, exc, back=f"/buy/{code}")
     values = {k.removeprefix("f_"): v for k, v in form.items() if k.startswith("f_")}
     again = form.get("confirm_duplicate") == "1"
 
@@ -340,20 +341,23 @@ def pay_page(request: Request, payment_no: str) -> Response:
     container = _container(request)
     ctx = browser(request, container)
     payment_no = payment_no[:64]
+    # Not found and not yours get the same answer: no way to learn which numbers exist.
+    hidden = KamengError(
+        ErrorCode.payment_not_found if payment_no.startswith("T") else ErrorCode.order_not_found
+    )
     with container.db.connect(write=False) as conn:
-        try:
-            pay = payments.find_payment(conn, payment_no=payment_no)
-        except KamengError as exc:
-            return _error_page(ctx, exc)
+        pay = payments.payment_or_none(conn, payment_no=payment_no)
+        if pay is None:
+            return _error_page(ctx, hidden)
         if pay.purpose == PaymentPurpose.order.value:
             order = _owns(conn, ctx, container, payment_no)
             if order is None:
-                return _error_page(ctx, KamengError(ErrorCode.order_not_found))
+                return _error_page(ctx, hidden)
             subject = api_render.sku_codes(conn, {order.sku_id}).get(order.sku_id, "")
             back = f"/orders/{payment_no}"
         else:
             if ctx.member is None or pay.member_id != ctx.member.member_id:
-                return _error_page(ctx, KamengError(ErrorCode.payment_not_found))
+                return _error_page(ctx, hidden)
             order, subject, back = None, "balance top-up", "/account"
         gateway = payments.get_gateway(conn, gateway_id=pay.gateway_id)
     closed = order is not None and order.status != Status.pending_payment.value
@@ -433,11 +437,8 @@ async def cancel(request: Request, order_no: str) -> Response:
     order_no = normalize_order_no(order_no)[:40]
 
     def job(conn: Connection) -> None:
-        order = _owns(conn, ctx, container, order_no)
-        if order is None:
+        if _owns(conn, ctx, container, order_no) is None:
             raise KamengError(ErrorCode.order_not_found)
-        if order.status != Status.pending_payment.value:
-            raise KamengError(ErrorCode.order_not_cancelable, status=order.status)
         orders.cancel_order(
             conn,
             order_no=order_no,
@@ -445,8 +446,9 @@ async def cancel(request: Request, order_no: str) -> Response:
             wallet_id=0,
             accounts=container.accounts,
             actor=f"member:{ctx.member.member_id}" if ctx.member else "guest",
-            reason="canceled_by_buyer",
+            reason="canceled_before_payment",
             now=container.clock(),
+            only_from=frozenset({Status.pending_payment}),
         )
 
     try:
