@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     )
     login_window_s: int = 300
     registrations_per_hour: int = Field(default=10, description="Per IP")
+    guest_auto_payout: bool = Field(
+        default=True,
+        description="Refund money owed to guests through their gateway without staff",
+    )
     checkouts_per_minute: int = Field(
         default=20, description="Storefront orders and top-ups started per IP per minute"
     )

@@ -7,7 +7,7 @@ from kameng.inventory.models import CardKey, KeyReveal, StockBatch
 from kameng.ledger.models import Account, Entry, Hold, LedgerTransaction
 from kameng.members.models import Member, MemberSession
 from kameng.orders.models import Delivery, Order, OrderEvent, OrderLine
-from kameng.payments.models import Payment, PaymentGateway, PaymentNotify
+from kameng.payments.models import Payment, PaymentGateway, PaymentNotify, Payout
 from kameng.pipeline.models import OutboxMessage, WorkerHeartbeat
 from kameng.pricing.models import Tier, TierPrice
 from kameng.resellers.models import ApiCredential, ApiNonce, Reseller
@@ -35,6 +35,7 @@ __all__ = [
     "Payment",
     "PaymentGateway",
     "PaymentNotify",
+    "Payout",
     "Procurement",
     "Product",
     "Reseller",

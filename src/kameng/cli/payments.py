@@ -211,17 +211,37 @@ def reconcile(
 
 
 @payments_app.command("owed")
-def owed() -> None:
-    """Money kept for guests (refunded orders, payments that came too late), to pay back."""
+def owed(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Money kept for guests (refunded orders, payments that came too late). The worker pays
+    it back through the gateway by itself; rows marked refused or unknown need a person."""
     from kameng.money import format_cents
-    from kameng.payments import staff
+    from kameng.payments import payouts
 
     container = _container()
     with container.db.connect(write=False) as conn:
-        rows = staff.owed_to_guests(conn)
-    table = Table("order_no", "payment_no", "owed")
+        rows = payouts.owed_to_guests(conn)
+    if as_json:
+        items = [
+            {
+                "order_no": r.order_no,
+                "payment_no": r.payment_no,
+                "owed": format_cents(r.owed_cents),
+                "payout_state": r.payout_state,
+                "payout_message": r.payout_message,
+            }
+            for r in rows
+        ]
+        console.print_json(json.dumps(items, ensure_ascii=False))
+        return
+    table = Table("order_no", "payment_no", "owed", "last payout", "message")
     for r in rows:
-        table.add_row(r.order_no, r.payment_no, format_cents(r.owed_cents))
+        table.add_row(
+            r.order_no,
+            r.payment_no,
+            format_cents(r.owed_cents),
+            r.payout_state or "-",
+            r.payout_message or "",
+        )
     console.print(table)
     console.print(f"{len(rows)} guest order(s) owed money")
 
@@ -232,25 +252,40 @@ def payout(
     manual: Annotated[
         bool, typer.Option(help="Staff paid it back some other way: only record it")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Even after an unknown or refused attempt (check the gateway first)"),
+    ] = False,
     actor: ActorOpt = None,
 ) -> None:
-    """Pay back what a guest is owed: a refund through the gateway the guest paid with (its
-    refund API), then recorded in the ledger. The gateway refuses a second refund of the same
-    money, so running this twice cannot pay twice."""
+    """Pay back what a guest is owed now: a refund through the gateway the guest paid with,
+    then recorded in the ledger (or, with --manual, only recorded). Audited."""
     from kameng.audit import service as audit
     from kameng.money import format_cents
+    from kameng.payments import payouts
     from kameng.payments import service as payments
-    from kameng.payments import staff
     from kameng.payments.registry import build_gateway
 
     container = _container()
-    with container.db.connect(write=False) as conn:
-        row = {r.order_no: r for r in staff.owed_to_guests(conn)}.get(order_no)
-        gateway = payments.get_gateway(conn, gateway_id=row.gateway_id) if row else None
-    if row is None or gateway is None:
-        err_console.print(f"nothing is owed for {order_no}")
-        raise typer.Exit(2)
-    via = "manual"
+    accounts = container.accounts  # resolved before a write transaction opens
+    who = _actor(actor)
+    with container.db.connect() as conn:
+        try:
+            payout_id, row = payouts.start_payout(
+                conn,
+                order_no=order_no,
+                via="manual" if manual else "gateway",
+                actor=who,
+                now=container.clock(),
+                force=force,
+            )
+        except KamengError as exc:
+            if exc.code is ErrorCode.invalid_amount:
+                err_console.print(f"nothing is owed for {order_no}")
+                raise typer.Exit(2) from exc
+            raise
+        gateway = payments.get_gateway(conn, gateway_id=row.gateway_id)
+    done, message = True, "recorded by staff"
     if not manual:
         adapter = build_gateway(gateway, container.vault)
 
@@ -261,30 +296,28 @@ def payout(
                 await adapter.aclose()
 
         done, message = asyncio.run(send())
-        if not done:
-            err_console.print(f"the gateway refused the refund: {message}")
-            raise typer.Exit(1)
-        via = f"gateway {gateway.code}"
-    accounts = container.accounts  # resolved before the write transaction opens
     with container.db.unit_of_work() as session:
-        staff.record_payout(
+        payouts.finish_payout(
             session.connection(),
-            order_no=order_no,
-            amount_cents=row.owed_cents,
+            payout_id=payout_id,
+            done=done,
+            message=message,
             accounts=accounts,
-            actor=_actor(actor),
-            memo=f"paid back to guest via {via}",
             now=container.clock(),
         )
         audit.record(
             session,
-            actor=_actor(actor),
+            actor=who,
             action="payment.payout",
             target_type="order",
             target_id=order_no,
-            details={"amount": format_cents(row.owed_cents), "via": via},
+            details={"amount": format_cents(row.owed_cents), "done": done, "message": message},
         )
-    console.print(f"paid back {format_cents(row.owed_cents)} for {order_no} via {via}")
+    if not done:
+        err_console.print(f"the gateway refused the refund: {message}")
+        raise typer.Exit(1)
+    via = "by staff" if manual else f"via gateway {gateway.code}"
+    console.print(f"paid back {format_cents(row.owed_cents)} for {order_no} {via}")
 
 
 @payments_app.command("resolve")

@@ -115,3 +115,27 @@ class PaymentNotify(Base):
     money: Mapped[str] = mapped_column(String(24), default="")
     remote_ip: Mapped[str] = mapped_column(String(45), default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class PayoutState(StrEnum):
+    sending = "sending"  # recorded before the refund request leaves
+    done = "done"  # the gateway (or staff) paid it back; the ledger says so
+    refused = "refused"  # the gateway said no: staff must look
+    unknown = "unknown"  # we crashed or timed out mid-request: staff must check the gateway
+
+
+class Payout(Base):
+    """Money owed to a guest, paid back. A row is written before the gateway is asked, so a
+    crash mid-request is never retried blindly (it becomes `unknown` for staff to check)."""
+
+    __tablename__ = "payouts"
+    __table_args__ = (Index("ix_payouts_payment", "payment_id", "id"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    payment_id: Mapped[int] = mapped_column(ForeignKey("payments.id"))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    via: Mapped[str] = mapped_column(String(16))  # gateway, manual
+    state: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(String(200), default="")
+    actor: Mapped[str] = mapped_column(String(100), default="system")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -538,11 +538,12 @@ def health_counts(conn: Connection, *, now: datetime) -> dict[str, int]:
             _pay.c.next_check_at.is_not(None), _pay.c.next_check_at < now - timedelta(seconds=60)
         )
     ).scalar_one()
-    from kameng.payments.staff import owed_summary  # staff builds on this module
+    from kameng.payments import payouts  # payouts builds on this module
 
-    owed, owed_oldest_s = owed_summary(conn, now=now)
+    owed, owed_oldest_s = payouts.owed_summary(conn, now=now)
     return {
         "payments_owed_to_guests": owed,
+        "payouts_need_staff": payouts.count_attention(conn),
         "payments_owed_oldest_s": int(owed_oldest_s),
         "payments_pending": int(by_state.get(PaymentState.pending.value, 0)),
         "payments_flagged": int(by_state.get(PaymentState.flagged.value, 0)),

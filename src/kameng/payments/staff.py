@@ -1,7 +1,6 @@
-"""What staff do about payments that need a person: money that arrived in a different amount
-or currency (`flagged`), and money kept for guests (refunded orders, late payments) that must
-be paid back. Every action moves the payment forward, posts the ledger in the same
-transaction, and leaves an event on the order's timeline.
+"""What staff decide about payments that need a person: money that arrived in a different
+amount or currency (`flagged`). Every decision moves the payment forward, posts the ledger in
+the same transaction, and leaves an event on the order's timeline.
 """
 
 from __future__ import annotations
@@ -15,66 +14,12 @@ from sqlalchemy.engine import Connection
 from kameng.db import table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
-from kameng.ledger.models import Account
 from kameng.orders import checkout
 from kameng.orders.models import Order
 from kameng.payments.models import Payment, PaymentPurpose, PaymentState
-from kameng.payments.service import find_payment, lock_payment, payer_wallet
+from kameng.payments.service import lock_payment, payer_wallet
 
 _pay = table(Payment)
-
-
-def owed_to_guests(conn: Connection) -> list[Any]:
-    """Guest orders whose money sits in their own wallet (refunded, or paid too late): each row
-    is (order_no, payment_no, gateway_id, wallet_id, owed_cents)."""
-    acc = table(Account)
-    order = table(Order)
-    return list(
-        conn.execute(
-            select(
-                order.c.order_no,
-                _pay.c.payment_no,
-                _pay.c.gateway_id,
-                acc.c.id.label("wallet_id"),
-                acc.c.balance_cents.label("owed_cents"),
-                _pay.c.paid_at.label("credited_at"),
-            )
-            .select_from(
-                acc.join(order, order.c.id == acc.c.owner_id).join(
-                    _pay, _pay.c.order_id == order.c.id
-                )
-            )
-            .where(acc.c.owner_type == "guest", acc.c.balance_cents > 0)
-            .order_by(order.c.id)
-        )
-    )
-
-
-def record_payout(
-    conn: Connection,
-    *,
-    order_no: str,
-    amount_cents: int,
-    accounts: ledger.PlatformAccounts,
-    actor: str,
-    memo: str,
-    now: datetime,
-) -> int:
-    """Money owed to a guest has left the platform (through the gateway or by staff): the
-    guest's wallet pays it to the refunds account. Refuses more than is owed."""
-    owed = {r.order_no: r for r in owed_to_guests(conn)}.get(order_no)
-    if owed is None or not 0 < amount_cents <= owed.owed_cents:
-        raise KamengError(ErrorCode.invalid_amount, detail="more than is owed for this order")
-    return ledger.post(
-        conn,
-        kind="payout",
-        legs=[(int(owed.wallet_id), -amount_cents), (accounts.refunds, amount_cents)],
-        now=now,
-        ref_type="payment",
-        ref_id=int(find_payment(conn, payment_no=owed.payment_no).id),
-        actor=actor,
-        memo=memo[:500],
-    )
 
 
 def _flagged(conn: Connection, payment_no: str) -> Any:
@@ -176,12 +121,3 @@ def mark_returned(
             now=now,
             details={"returned": pay.reported_cents, "via": via},
         )
-
-
-def owed_summary(conn: Connection, *, now: datetime) -> tuple[int, float]:
-    """(guest orders owed money, age in seconds of the oldest) for /healthz and /metrics."""
-    rows = owed_to_guests(conn)
-    if not rows:
-        return 0, 0.0
-    oldest = min(r.credited_at or now for r in rows)
-    return len(rows), max((now - oldest).total_seconds(), 0.0)

@@ -139,6 +139,11 @@ class PipelineCollector(Collector):
                 "payments_owed_oldest_s",
             ),
             (
+                "kameng_payouts_need_staff",
+                "Refunds to guests the gateway refused, or interrupted: staff must look",
+                "payouts_need_staff",
+            ),
+            (
                 "kameng_payment_checks_overdue",
                 "Payments due for a gateway query for more than 60 s",
                 "payment_checks_overdue",
@@ -207,6 +212,7 @@ class HealthCache:
                         "checks_overdue": snap["payment_checks_overdue"],
                         "owed_to_guests": snap["payments_owed_to_guests"],
                         "owed_oldest_s": snap["payments_owed_oldest_s"],
+                        "payouts_need_staff": snap["payouts_need_staff"],
                     },
                     "suppliers": {
                         h.code: {

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from kameng.container import Container
+from kameng.payments import payouts
 from kameng.payments import service as payments
 from kameng.payments.port import GatewayRecord, RecordState
 from kameng.payments.registry import Gateways
@@ -75,4 +76,43 @@ async def _round(container: Container, gateways: Gateways, *, limit: int) -> int
         PAYMENT_STATEMENTS.labels("query", outcome).inc()
 
     await asyncio.gather(*(one(r, g) for r, g in batch))
+    return len(batch)
+
+
+async def pay_back_guests(container: Container, gateways: Gateways, *, limit: int = 20) -> int:
+    """Refund money owed to guests through their gateway (see payments.payouts); returns how
+    many refunds were attempted."""
+    now = container.clock()
+
+    def claim(conn: Connection) -> list[tuple[int, Any, Any]]:
+        started = []
+        for row in payouts.due_payouts(conn, now=now, limit=limit):
+            payout_id, owed = payouts.start_payout(
+                conn, order_no=row.order_no, via="gateway", actor="system", now=now
+            )
+            started.append(
+                (payout_id, owed, payments.get_gateway(conn, gateway_id=owed.gateway_id))
+            )
+        return started
+
+    batch = await container.writer.run_async(claim)
+    for payout_id, owed, gateway in batch:
+        try:
+            done, message = await gateways.get(gateway).refund(owed.payment_no, owed.owed_cents)
+        except Exception as exc:  # left `sending`: it turns `unknown` for staff, never retried
+            log.error("refund of %s failed: %s", owed.payment_no, type(exc).__name__)
+            continue
+        await container.writer.run_async(
+            functools.partial(
+                payouts.finish_payout,
+                payout_id=payout_id,
+                done=done,
+                message=message,
+                accounts=container.accounts,
+                now=container.clock(),
+            )
+        )
+        PAYMENT_STATEMENTS.labels("payout", "done" if done else "refused").inc()
+        if not done:
+            log.warning("gateway refused the refund of %s: %s", owed.payment_no, message)
     return len(batch)

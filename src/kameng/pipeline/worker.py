@@ -42,6 +42,8 @@ _beat = table(WorkerHeartbeat)
 
 # Payments due for an active query are looked for at most this often (a cheap indexed read).
 PAYMENT_CHECK_EVERY_S = 1.0
+# Money owed to guests is paid back within about this long (rare; no hurry to the second).
+PAYOUT_EVERY_S = 10.0
 
 _CLAIM_PG = RawSQL(
     "UPDATE orders SET next_action_at = :lease WHERE id IN ("
@@ -143,11 +145,12 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         s = self.container.settings
         http = httpx.AsyncClient(timeout=10.0)
-        last_beat = last_balance = last_payments = 0.0
+        last_beat = last_balance = last_payments = last_payout = 0.0
         sem_free = s.worker_concurrency
         outbox_task: asyncio.Task[Any] | None = None
         balance_task: asyncio.Task[Any] | None = None
         payments_task: asyncio.Task[Any] | None = None
+        payout_task: asyncio.Task[Any] | None = None
         log.info("worker %s started", self.worker_id)
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -186,6 +189,15 @@ class Worker:
                     payments_task = asyncio.create_task(
                         payment_checks.check_due(self.container, self.gateways)
                     )
+                if (
+                    s.guest_auto_payout
+                    and (payout_task is None or payout_task.done())
+                    and mono - last_payout >= PAYOUT_EVERY_S
+                ):
+                    last_payout = mono
+                    payout_task = asyncio.create_task(
+                        payment_checks.pay_back_guests(self.container, self.gateways)
+                    )
                 free = sem_free - len(self._inflight)
                 claimed: list[int] = []
                 if free > 0:
@@ -211,7 +223,7 @@ class Worker:
                 with contextlib.suppress(BaseException):
                     await listener
             await self._drain()
-            for side_task in (outbox_task, balance_task, payments_task):
+            for side_task in (outbox_task, balance_task, payments_task, payout_task):
                 if side_task is not None:
                     side_task.cancel()
                     with contextlib.suppress(BaseException):
