@@ -124,13 +124,26 @@ REASON_TEXT: dict[str, tuple[str, str]] = {
         "Payment arrived after the order closed; stock was still there, so it ships",
     ),
     "late_payment_credited": (
-        "订单关闭后才收到付款，已无法发货，款项已退回您的余额（游客订单由客服原路退回）",
+        "订单关闭后才收到付款，已无法发货，款项已退回您的余额（游客订单原路退回）",
         "Payment arrived after the order closed and it can no longer ship; the money is "
-        "credited to your balance (for a guest order, staff pay it back)",
+        "credited to your balance (a guest order is refunded to how you paid)",
     ),
     "payment_amount_mismatch": (
         "收到的付款金额与订单不符，已暂停发货并转人工核对",
         "The amount paid differs from the order; it will not ship until staff check it",
+    ),
+    "payment_short_credited": (
+        "收到的付款不足订单金额，已退回您的余额（游客订单原路退回），订单已关闭",
+        "The payment was short of the order's amount: it is credited back (a guest order is "
+        "refunded to how you paid) and the order is closed",
+    ),
+    "payment_returned": (
+        "收到的付款与订单不符，已原路退回，订单已关闭",
+        "The payment did not match the order; it was sent back and the order is closed",
+    ),
+    "unreadable_amount": (
+        "支付平台返回的金额无法识别，已转人工核对",
+        "The payment platform's amount could not be read; staff will check it",
     ),
     "payment_currency_mismatch": (
         "收到的付款币种与订单不符，已暂停发货并转人工核对",
