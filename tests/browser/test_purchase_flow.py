@@ -188,3 +188,38 @@ def test_the_order_page_speaks_english(page: Any, card_key: Shop) -> None:
     texts = page.locator("main").inner_text().replace(heading.inner_text(), "")
     assert not re.search(r"[\u4e00-\u9fff]", texts), f"Chinese left on the English page: {texts}"
     assert_keys_heading(page, "Card keys")
+
+
+def test_a_member_registers_tops_up_and_buys_from_balance(page: Any, card_key: Shop) -> None:
+    """The member flow: register, top up through the gateway, buy with the balance, and find
+    the order in the history."""
+    url = card_key.rig.url
+    page.goto(f"{url}/register")
+    page.fill("#email", "member@kameng.test")
+    page.fill("#password", "a-good-password")
+    page.click("#register-submit")
+    expect(page).to_have_url(f"{url}/account")
+    expect(page.locator("#balance")).to_have_text("¥0.00")
+
+    page.fill("#amount", "25")
+    page.click("#topup-submit")
+    page.click("#go-pay")
+    page.click("#pay")  # the gateway's cashier; it sends us back to the account page
+    expect(page).to_have_url(f"{url}/account")
+    # The signed return is applied before the redirect: the balance is there at once.
+    expect(page.locator("#balance")).to_have_text("¥25.00")
+
+    page.goto(f"{url}/buy/{card_key.sku}")
+    page.fill("#f_account", "player-7")
+    page.check("#pay-balance")
+    page.click("#place-order")
+    expect(page.locator("#order-panel")).to_have_attribute("data-status", "delivered")
+    shown = page.locator("#keys .key-secret").first.inner_text()
+    assert shown in {secret for _, secret in card_key.keys}
+    expect(page.locator("#lookup-secret")).to_have_count(0)  # members need no secret
+
+    page.goto(f"{url}/account")
+    expect(page.locator("#balance")).to_have_text("¥15.00")
+    order_no = page.locator("#order-history a").first.inner_text()
+    assert order_no.startswith("K")
+    factories.assert_books_clean(card_key.rig.container)
