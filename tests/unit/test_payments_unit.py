@@ -200,7 +200,7 @@ def test_reconcile_says_when_the_gateway_cannot_list_its_trades() -> None:
             gateway=SimpleNamespace(id=1, code="g"),
             adapter=NoListing(),  # type: ignore[arg-type]
             read=lambda fn: {"K1": ("paid", 100)},
-            clearing=1,
+            clearing=(1,),
             since=datetime(2026, 1, 1, tzinfo=UTC),
             until=datetime(2026, 2, 1, tzinfo=UTC),
         )

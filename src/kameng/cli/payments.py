@@ -153,7 +153,7 @@ def reconcile(
                     gateway=row,
                     adapter=adapter,
                     read=read,
-                    clearing=container.accounts.gateway_clearing,
+                    clearing=container.accounts.clearing_accounts,
                     since=since,
                     until=until,
                 )

@@ -43,10 +43,11 @@ class InsufficientFunds(KamengError):
         )
 
 
-# Every sale credits revenue and every backorder credits holds: with one row each, concurrent
-# orders on PostgreSQL would queue on those two rows' locks. Spreading them over a few rows
-# (the sum is the figure) removes that queue; on SQLite it costs nothing.
-SHARDED = (AccountKind.revenue, AccountKind.holds)
+# Every sale credits revenue, every backorder credits holds and every gateway payment debits
+# clearing: with one row each, concurrent orders on PostgreSQL would queue on those rows'
+# locks. Spreading them over a few rows (the sum is the figure) removes that queue; on SQLite
+# it costs nothing.
+SHARDED = (AccountKind.revenue, AccountKind.holds, AccountKind.gateway_clearing)
 SHARDS = 8
 
 
@@ -59,6 +60,7 @@ class PlatformAccounts:
     refunds: int
     revenue_shards: tuple[int, ...] = ()
     holds_shards: tuple[int, ...] = ()
+    gateway_clearing_shards: tuple[int, ...] = ()
 
     def revenue_for(self, n: int) -> int:
         return (
@@ -69,6 +71,15 @@ class PlatformAccounts:
 
     def holds_for(self, n: int) -> int:
         return self.holds_shards[n % len(self.holds_shards)] if self.holds_shards else self.holds
+
+    def clearing_for(self, n: int) -> int:
+        """Every gateway payment debits clearing: spread like revenue and holds."""
+        shards = self.gateway_clearing_shards
+        return shards[n % len(shards)] if shards else self.gateway_clearing
+
+    @property
+    def clearing_accounts(self) -> tuple[int, ...]:
+        return self.gateway_clearing_shards or (self.gateway_clearing,)
 
 
 def ensure_platform_accounts(conn: Connection, currency: str = "CNY") -> PlatformAccounts:
@@ -89,7 +100,12 @@ def ensure_platform_accounts(conn: Connection, currency: str = "CNY") -> Platfor
         )
         ids[kind.value] = made[0]
         shards[kind.value] = made
-    return PlatformAccounts(**ids, revenue_shards=shards["revenue"], holds_shards=shards["holds"])
+    return PlatformAccounts(
+        **ids,
+        revenue_shards=shards["revenue"],
+        holds_shards=shards["holds"],
+        gateway_clearing_shards=shards["gateway_clearing"],
+    )
 
 
 def ensure_account(

@@ -64,7 +64,12 @@ class Report:
 
 
 def recorded_amounts(
-    conn: Connection, *, gateway_id: int, since: datetime, until: datetime, clearing: int
+    conn: Connection,
+    *,
+    gateway_id: int,
+    since: datetime,
+    until: datetime,
+    clearing: tuple[int, ...],
 ) -> dict[str, tuple[str, int]]:
     """payment_no -> (state, cents our ledger received) for payments opened in the period."""
     received = (
@@ -73,7 +78,7 @@ def recorded_amounts(
         .where(
             _txn.c.ref_type == "payment",
             _txn.c.ref_id == _pay.c.id,
-            _entry.c.account_id == clearing,
+            _entry.c.account_id.in_(clearing),
         )
         .scalar_subquery()
     )
@@ -87,7 +92,9 @@ def recorded_amounts(
     return {r.payment_no: (r.state, int(r.received)) for r in rows}
 
 
-def recorded_one(conn: Connection, *, payment_no: str, clearing: int) -> tuple[str, int] | None:
+def recorded_one(
+    conn: Connection, *, payment_no: str, clearing: tuple[int, ...]
+) -> tuple[str, int] | None:
     row = conn.execute(
         select(_pay.c.id, _pay.c.state).where(_pay.c.payment_no == payment_no)
     ).first()
@@ -99,7 +106,7 @@ def recorded_one(conn: Connection, *, payment_no: str, clearing: int) -> tuple[s
         .where(
             _txn.c.ref_type == "payment",
             _txn.c.ref_id == row.id,
-            _entry.c.account_id == clearing,
+            _entry.c.account_id.in_(clearing),
         )
     ).scalar_one()
     return row.state, int(received)
@@ -139,7 +146,7 @@ async def reconcile_gateway(
     gateway: Any,
     adapter: GatewayPort,
     read: Callable[[Callable[[Connection], Any]], Any],
-    clearing: int,
+    clearing: tuple[int, ...],
     since: datetime,
     until: datetime,
     list_limit: int = 500,

@@ -348,7 +348,10 @@ def apply_confirmation(
     txn_id = ledger.post(
         conn,
         kind="payment",
-        legs=[(deps.accounts.gateway_clearing, -pay.amount_cents), (wallet_id, pay.amount_cents)],
+        legs=[
+            (deps.accounts.clearing_for(pay.id), -pay.amount_cents),
+            (wallet_id, pay.amount_cents),
+        ],
         now=now,
         ref_type="payment",
         ref_id=pay.id,

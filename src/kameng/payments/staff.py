@@ -55,7 +55,7 @@ def accept_flagged(
     txn_id = ledger.post(
         conn,
         kind="payment",
-        legs=[(deps.accounts.gateway_clearing, -amount), (wallet_id, amount)],
+        legs=[(deps.accounts.clearing_for(pay.id), -amount), (wallet_id, amount)],
         now=now,
         ref_type="payment",
         ref_id=pay.id,
