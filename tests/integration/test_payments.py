@@ -774,7 +774,8 @@ def test_a_paid_answer_with_an_unreadable_amount_is_flagged_not_closed(sqlite_ri
     assert (other, unreadable) == ("unreachable", "unreadable_amount")
     pay = rig.payment(order_no)
     assert (pay.state, pay.reason) == ("flagged", "unreadable_amount")
-    assert order(rig, order_no).status == "pending_payment"
+    row = order(rig, order_no)
+    assert (row.status, row.reason) == ("pending_payment", "payment_unreadable_amount")
     factories.assert_books_clean(rig.container)
 
 

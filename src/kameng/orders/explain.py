@@ -141,7 +141,7 @@ REASON_TEXT: dict[str, tuple[str, str]] = {
         "收到的付款与订单不符，已原路退回，订单已关闭",
         "The payment did not match the order; it was sent back and the order is closed",
     ),
-    "unreadable_amount": (
+    "payment_unreadable_amount": (
         "支付平台返回的金额无法识别，已转人工核对",
         "The payment platform's amount could not be read; staff will check it",
     ),

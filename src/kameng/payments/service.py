@@ -57,6 +57,7 @@ class Outcome(StrEnum):
     amount_mismatch = "amount_mismatch"
     currency_mismatch = "currency_mismatch"
     already_flagged = "already_flagged"
+    already_returned = "already_returned"
     unknown_payment = "unknown_payment"
     wrong_gateway = "wrong_gateway"
     # refused before we looked for the payment (from the adapter's check)
@@ -78,6 +79,7 @@ ACKNOWLEDGED = frozenset(
         Outcome.amount_mismatch,
         Outcome.currency_mismatch,
         Outcome.already_flagged,
+        Outcome.already_returned,
     }
 )
 
@@ -307,6 +309,16 @@ def apply_confirmation(
         return Outcome.duplicate
     if pay.state == PaymentState.flagged.value:
         return Outcome.already_flagged
+    if pay.state == PaymentState.returned.value:
+        # Staff sent this money back: a replay of the same statement must not reopen it; a
+        # statement about another trade is new money, and says so.
+        if (
+            confirmation.gateway_trade_no
+            and pay.gateway_trade_no
+            and (confirmation.gateway_trade_no != pay.gateway_trade_no)
+        ):
+            return Outcome.second_trade
+        return Outcome.already_returned
     reported = {
         "gateway_trade_no": confirmation.gateway_trade_no,
         "reported_cents": confirmation.amount_cents,
@@ -442,6 +454,15 @@ def apply_query(
                 last_checked_at=now,
             )
         )
+        if pay.order_id is not None:
+            checkout.note_payment_problem(
+                conn,
+                order_id=pay.order_id,
+                reason="payment_unreadable_amount",
+                actor=f"gateway:{gateway.code}",
+                now=now,
+                details={"expected": pay.amount_cents},
+            )
         record_statement(
             conn,
             gateway_id=gateway.id,
