@@ -711,6 +711,9 @@ def test_cancel_before_paying_then_paying_anyway_credits_the_money(sqlite_rig: S
     row = order(rig, order_no)
     assert (row.status, row.reason) == ("refunded", "late_payment_credited")
     assert balance_of(rig, "guest", row.id) == 1000
+    # A guest has no balance: the page says the money goes back the way it was paid.
+    page = client.get(f"/orders/{order_no}").text
+    assert "原路退回" in page and "退回您的余额" not in page
     factories.assert_books_clean(rig.container)
 
 

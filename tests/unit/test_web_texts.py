@@ -36,3 +36,16 @@ def test_no_text_key_is_shadowed_by_a_dict_method() -> None:
     for path in TEMPLATES.glob("*.html"):
         for name in shadowed:
             assert f"t.{name} " not in path.read_text() and f"t.{name}}}" not in path.read_text()
+
+
+def test_guest_wording_exists_for_every_refund_to_balance() -> None:
+    """Every reason that tells a buyer "refunded to balance" has a guest wording, and the guest
+    wording never mentions a balance (a guest has none)."""
+    from kameng.orders.explain import GUEST_REASON_TEXT, REASON_TEXT
+
+    assert set(GUEST_REASON_TEXT) <= set(REASON_TEXT)
+    for zh, en in GUEST_REASON_TEXT.values():
+        assert "余额" not in zh and "balance" not in en
+    mentions = {k for k, (zh, _) in REASON_TEXT.items() if "退回余额" in zh or "退回您的余额" in zh}
+    missing = mentions - set(GUEST_REASON_TEXT) - {"canceled_by_buyer"}  # buyers cancel paid
+    assert not missing, sorted(missing)

@@ -55,13 +55,15 @@ def order_body(
     timeline: list[Any] | None = None,
     audience: str = "reseller",
 ) -> dict[str, Any]:
+    # A guest has no balance: refunds are worded as going back the way they were paid.
+    guest = getattr(order, "member_id", None) is None and order.reseller_id is None
     body: dict[str, Any] = {
         "order_no": order.order_no,
         "status": order.status,
         "status_text": status_text(order.status, language),
         "stage": order.stage,
         "reason": order.reason,
-        "reason_text": reason_text(order.reason, language),
+        "reason_text": reason_text(order.reason, language, guest=guest),
         "stage_since": iso(order.stage_since),
         "next_action_at": iso(order.next_action_at),
         "sla_deadline": iso(order.sla_deadline),
@@ -84,7 +86,7 @@ def order_body(
                 "to_status": e.to_status,
                 "stage": e.stage,
                 "reason": e.reason,
-                "reason_text": reason_text(e.reason, language),
+                "reason_text": reason_text(e.reason, language, guest=guest),
                 "actor": public_actor(e.actor, audience=audience),
             }
             for e in timeline

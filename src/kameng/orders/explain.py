@@ -152,15 +152,54 @@ REASON_TEXT: dict[str, tuple[str, str]] = {
 }
 
 
+# A guest has no balance: money a guest is owed goes back the way it was paid (the worker
+# refunds it through the gateway). These say so instead of "refunded to balance".
+GUEST_REASON_TEXT: dict[str, tuple[str, str]] = {
+    "upstream_partial_refunded": (
+        "上游只发了部分卡密，已发放这部分，其余金额将原路退回",
+        "The supplier delivered only part; that part is delivered and the rest is refunded "
+        "to how you paid",
+    ),
+    "sla_expired_refund": (
+        "超过承诺时间仍未发货，款项将自动原路退回",
+        "Not delivered within the promised time; refunded automatically to how you paid",
+    ),
+    "staff_sla_expired": (
+        "人工处理超时，款项将自动原路退回",
+        "Staff did not deliver in time; refunded automatically to how you paid",
+    ),
+    "buyer_action_sla_expired": (
+        "等待您补充信息超时，款项将自动原路退回",
+        "Your correction did not arrive in time; refunded automatically to how you paid",
+    ),
+    "canceled_by_staff": (
+        "客服取消，款项将原路退回",
+        "Canceled by staff; refunded to how you paid",
+    ),
+    "late_payment_credited": (
+        "订单关闭后才收到付款，已无法发货，款项将自动原路退回",
+        "Payment arrived after the order closed and it can no longer ship; it is refunded "
+        "automatically to how you paid",
+    ),
+    "payment_short_credited": (
+        "收到的付款不足订单金额，订单已关闭，款项将原路退回",
+        "The payment was short of the order's amount: the order is closed and the money is "
+        "refunded to how you paid",
+    ),
+}
+
+
 def status_text(status: str, language: str) -> str:
     zh, en = STATUS_TEXT.get(status, (status, status))
     return en if language == "en" else zh
 
 
-def reason_text(reason: str, language: str) -> str:
+def reason_text(reason: str, language: str, *, guest: bool = False) -> str:
+    """The sentence for a reason code; `guest` picks the wording for a buyer without a
+    balance (refunds go back the way they were paid)."""
     if not reason:
         return ""
-    texts = REASON_TEXT.get(reason)
+    texts = (GUEST_REASON_TEXT.get(reason) if guest else None) or REASON_TEXT.get(reason)
     if texts is None and reason.startswith("upstream_"):
         # A supplier's own refusal code we have no sentence for: still say what it means.
         code = reason.removeprefix("upstream_")
