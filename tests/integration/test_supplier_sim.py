@@ -601,7 +601,7 @@ def test_latency_is_honoured(api: Api, sim: RunningSimulator) -> None:
 
 
 def test_concurrent_purchases_with_latency(api: Api, sim: RunningSimulator) -> None:
-    """300 purchases, 100 in flight, 200 ms each: about 0.6 s when requests never queue.
+    """300 purchases, 100 in flight, 200 ms each: the simulator serves them concurrently.
 
     The load comes from a minimal keep-alive HTTP/1.1 client on raw asyncio streams:
     httpx.AsyncClient itself slows down sharply at this concurrency (encode/httpx#3215) and
@@ -655,7 +655,9 @@ def test_concurrent_purchases_with_latency(api: Api, sim: RunningSimulator) -> N
     asyncio.run(run())
     elapsed = time.monotonic() - started
     assert statuses == [200] * 300
-    assert elapsed < 2.0, elapsed
+    # Served one at a time this would take 300 × 0.2 = 60 s; concurrently about 0.6 s. The
+    # bound only has to tell the two apart, with room for a loaded machine (it once took 2 s).
+    assert elapsed < 20.0, elapsed
     assert sim.state()["stats"]["bought"] == 300
 
 
