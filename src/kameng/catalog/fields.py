@@ -12,6 +12,7 @@ import re
 import unicodedata
 from typing import Any
 
+from kameng.catalog import phone_cn
 from kameng.errors import ErrorCode, KamengError, field_error
 
 FIELD_TYPES = frozenset({"text", "select", "phone_cn", "qq", "email", "number"})
@@ -54,6 +55,12 @@ def validate_template(template: Any) -> list[dict[str, Any]]:
             raise KamengError(
                 ErrorCode.invalid_field_template, detail=f"{name}: select needs options"
             )
+        operator = spec.get("operator")
+        if operator is not None and (ftype != "phone_cn" or operator not in phone_cn.NAMES):
+            raise KamengError(
+                ErrorCode.invalid_field_template,
+                detail=f"{name}: operator is for phone_cn fields: one of {sorted(phone_cn.NAMES)}",
+            )
         pattern = spec.get("pattern")
         if pattern is not None:
             if not isinstance(pattern, str):
@@ -87,6 +94,7 @@ def validate_template(template: Any) -> list[dict[str, Any]]:
                 "required": bool(spec.get("required", True)),
                 **({"options": list(options)} if ftype == "select" and options else {}),
                 **({"pattern": pattern} if pattern else {}),
+                **({"operator": operator} if operator else {}),
                 **lengths,
             }
         )
@@ -125,6 +133,10 @@ def _check_one(spec: dict[str, Any], raw: Any) -> tuple[str | None, dict[str, st
         regex, zh, en = checks[ftype]
         if not regex.fullmatch(value):
             return None, field_error(name, "format", f"{label}{zh}", f"{label_en} {en}")
+    if ftype == "phone_cn" and spec.get("operator"):
+        problem = _operator_problem(spec, value)
+        if problem is not None:
+            return None, problem
     if ftype == "number" and not re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", value):
         return None, field_error(name, "format", f"{label}须为数字", f"{label_en} must be a number")
     if ftype == "select" and value not in spec["options"]:
@@ -153,6 +165,30 @@ def _check_one(spec: dict[str, Any], raw: Any) -> tuple[str | None, dict[str, st
             name, "format", f"{label}格式不正确", f"{label_en} has the wrong format"
         )
     return value, None
+
+
+def _operator_problem(spec: dict[str, Any], number: str) -> dict[str, str] | None:
+    """A 话费 product's number must belong to its operator (and not a virtual one)."""
+    name, label, label_en = spec["name"], spec["label"], spec["label_en"]
+    want = phone_cn.Operator(spec["operator"], False)
+    found = phone_cn.operator_of(number)
+    if found == want:
+        return None
+    if found is None:
+        return field_error(
+            name,
+            "operator_unknown",
+            f"{label}的号段无法识别，本商品仅支持{want.name('zh-CN')}号码",
+            f"{label_en}: unknown number segment; this product is for "
+            f"{want.name('en')} numbers only",
+        )
+    return field_error(
+        name,
+        "operator_mismatch",
+        f"该号码属于{found.name('zh-CN')}，本商品仅支持{want.name('zh-CN')}号码",
+        f"That number belongs to {found.name('en')}; this product is for "
+        f"{want.name('en')} numbers only",
+    )
 
 
 def validate_fields(template: list[dict[str, Any]], given: Any) -> dict[str, str]:
