@@ -58,6 +58,7 @@ from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
 from kameng.ledger.verify import verify
 from kameng.members import service as members
+from kameng.orders import cancel as order_cancel
 from kameng.orders import checkout
 from kameng.orders import service as orders
 from kameng.orders.models import Order
@@ -437,7 +438,7 @@ class PaymentsMachine(RuleBasedStateMachine):
             before = self._order(conn, order_id)
         try:
             with self._tx() as conn:
-                done = orders.cancel_order(
+                done = order_cancel.cancel_order(
                     conn,
                     order_no=before.order_no,
                     reseller_id=None,

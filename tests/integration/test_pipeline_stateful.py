@@ -31,6 +31,7 @@ from tests.support import factories
 
 from kameng.catalog.models import DeliveryKind
 from kameng.errors import KamengError
+from kameng.orders import cancel as order_cancel
 from kameng.orders import service as orders
 from kameng.pipeline import callbacks
 from kameng.pipeline.apply import Timing
@@ -231,7 +232,7 @@ class PipelineMachine(RuleBasedStateMachine):
         order_no = data.draw(st.sampled_from(self.placed))
         try:
             with self.container.db.connect() as conn:
-                orders.cancel_order(
+                order_cancel.cancel_order(
                     conn,
                     order_no=order_no,
                     reseller_id=self.creds.reseller_id,

@@ -32,6 +32,7 @@ from sqlalchemy import text
 from tests.support import factories
 
 from kameng.errors import ErrorCode, KamengError
+from kameng.orders import cancel as order_cancel
 from kameng.orders import service as orders
 from kameng.resellers import service as resellers
 
@@ -212,7 +213,7 @@ class PlatformMachine(RuleBasedStateMachine):
 
         def cancel() -> bool:
             with c.db.connect() as conn:
-                return orders.cancel_order(
+                return order_cancel.cancel_order(
                     conn,
                     order_no=order_no,
                     reseller_id=order.reseller_id,

@@ -38,6 +38,7 @@ from kameng.idempotency import service as idem
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
 from kameng.money import format_cents
+from kameng.orders import cancel as order_cancel
 from kameng.orders import queries as order_queries
 from kameng.orders import service as orders
 from kameng.orders.numbers import normalize_order_no
@@ -332,7 +333,7 @@ def cancel_order(
 
     def handler(conn: Connection, caller: Caller) -> dict[str, Any]:
         normalized = normalize_order_no(order_no)
-        orders.cancel_order(
+        order_cancel.cancel_order(
             conn,
             order_no=normalized,
             reseller_id=caller.reseller_id,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select, text, update
+from sqlalchemy import bindparam, text, update
 from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind
@@ -27,7 +27,6 @@ from kameng.ledger.models import Account
 from kameng.orders.models import Delivery, Order, OrderEvent, OrderLine
 from kameng.orders.numbers import new_lookup_secret, new_order_no
 from kameng.orders.state import (
-    CANCELABLE,
     NOT_A_DUPLICATE,
     Stage,
     Status,
@@ -492,18 +491,6 @@ def place_order(
 # -- transitions after creation -------------------------------------------------------------------
 
 
-def _load_for_update(conn: Connection, *, order_no: str, reseller_id: int | None) -> Any:
-    stmt = select(_order).where(_order.c.order_no == order_no)
-    if reseller_id is not None:
-        stmt = stmt.where(_order.c.reseller_id == reseller_id)
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    row = conn.execute(stmt).first()
-    if row is None:
-        raise KamengError(ErrorCode.order_not_found)
-    return row
-
-
 # Compare-and-set on version; the SET list comes from the parameters (built once, reused).
 _TRANSITION = update(_order).where(
     _order.c.id == bindparam("oid"), _order.c.version == bindparam("expected_version")
@@ -556,50 +543,3 @@ def transition(
     if changed != 1:
         raise KamengError(ErrorCode.concurrent_update)
     INSERT_EVENTS.run(conn, [event])
-
-
-def cancel_order(
-    conn: Connection,
-    *,
-    order_no: str,
-    reseller_id: int | None,
-    wallet_id: int,
-    accounts: ledger.PlatformAccounts,
-    actor: str,
-    reason: str,
-    now: datetime,
-    only_from: frozenset[Status] = CANCELABLE,
-) -> bool:
-    """Cancel an undelivered order: release stock, void the hold. False if already canceled.
-    `only_from` narrows what may be canceled; it is checked after the row lock, so a payment
-    that lands between the caller's read and this cancel is not canceled by mistake."""
-    order = _load_for_update(conn, order_no=order_no, reseller_id=reseller_id)
-    status = Status(order.status)
-    if status is Status.canceled:
-        return False
-    if status not in CANCELABLE or status not in only_from:
-        raise KamengError(ErrorCode.order_not_cancelable, status=status.value)
-    for (line_id,) in conn.execute(select(_line.c.id).where(_line.c.order_id == order.id)):
-        inventory.release(conn, line_id=line_id)
-    refunded = order.refunded_cents
-    if order.hold_id is not None:
-        ledger.void_hold(
-            conn,
-            hold_id=order.hold_id,
-            wallet_id=wallet_id,
-            accounts=accounts,
-            now=now,
-            actor=actor,
-            memo=f"cancel {order.order_no}",
-        )
-        refunded = order.paid_cents
-    transition(
-        conn,
-        order=order,
-        to_status=Status.canceled,
-        reason=reason,
-        actor=actor,
-        now=now,
-        extra_values={"refunded_cents": refunded, "sla_deadline": None},
-    )
-    return True

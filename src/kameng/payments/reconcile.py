@@ -63,15 +63,9 @@ class Report:
         return not self.mismatches
 
 
-def recorded_amounts(
-    conn: Connection,
-    *,
-    gateway_id: int,
-    since: datetime,
-    until: datetime,
-    clearing: tuple[int, ...],
-) -> dict[str, tuple[str, int]]:
-    """payment_no -> (state, cents our ledger received) for payments opened in the period."""
+def _recorded(clearing: tuple[int, ...]) -> Any:
+    """Payments with what our ledger received for each: its payment transaction's legs on the
+    clearing accounts (not the row's state, so a row marked paid without money shows)."""
     received = (
         select(func.coalesce(func.sum(-_entry.c.amount_cents), 0))
         .select_from(_entry.join(_txn, _txn.c.id == _entry.c.transaction_id))
@@ -82,8 +76,20 @@ def recorded_amounts(
         )
         .scalar_subquery()
     )
+    return select(_pay.c.payment_no, _pay.c.state, received.label("received"))
+
+
+def recorded_amounts(
+    conn: Connection,
+    *,
+    gateway_id: int,
+    since: datetime,
+    until: datetime,
+    clearing: tuple[int, ...],
+) -> dict[str, tuple[str, int]]:
+    """payment_no -> (state, cents our ledger received) for payments opened in the period."""
     rows = conn.execute(
-        select(_pay.c.payment_no, _pay.c.state, received.label("received")).where(
+        _recorded(clearing).where(
             _pay.c.gateway_id == gateway_id,
             _pay.c.created_at >= since,
             _pay.c.created_at < until,
@@ -95,21 +101,8 @@ def recorded_amounts(
 def recorded_one(
     conn: Connection, *, payment_no: str, clearing: tuple[int, ...]
 ) -> tuple[str, int] | None:
-    row = conn.execute(
-        select(_pay.c.id, _pay.c.state).where(_pay.c.payment_no == payment_no)
-    ).first()
-    if row is None:
-        return None
-    received = conn.execute(
-        select(func.coalesce(func.sum(-_entry.c.amount_cents), 0))
-        .select_from(_entry.join(_txn, _txn.c.id == _entry.c.transaction_id))
-        .where(
-            _txn.c.ref_type == "payment",
-            _txn.c.ref_id == row.id,
-            _entry.c.account_id.in_(clearing),
-        )
-    ).scalar_one()
-    return row.state, int(received)
+    row = conn.execute(_recorded(clearing).where(_pay.c.payment_no == payment_no)).first()
+    return (row.state, int(row.received)) if row is not None else None
 
 
 def classify(

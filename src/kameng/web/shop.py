@@ -23,6 +23,7 @@ from kameng.container import Container
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
+from kameng.orders import cancel as order_cancel
 from kameng.orders import checkout
 from kameng.orders import queries as order_queries
 from kameng.orders import service as orders
@@ -439,7 +440,7 @@ async def cancel(request: Request, order_no: str) -> Response:
     def job(conn: Connection) -> None:
         if _owns(conn, ctx, container, order_no) is None:
             raise KamengError(ErrorCode.order_not_found)
-        orders.cancel_order(
+        order_cancel.cancel_order(
             conn,
             order_no=order_no,
             reseller_id=None,
