@@ -18,6 +18,7 @@ from kameng.container import Container
 from kameng.db import table
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
+from kameng.orders import cancel as order_cancel
 from kameng.orders import queries as order_queries
 from kameng.orders import service as orders
 from kameng.orders.models import Order
@@ -68,7 +69,7 @@ class Shop:
     def cancel(self, order_no: str, reseller_id: int | None = None) -> bool:
         c = self.container
         with c.db.connect() as conn:
-            return orders.cancel_order(
+            return order_cancel.cancel_order(
                 conn,
                 order_no=order_no,
                 reseller_id=self.creds.reseller_id if reseller_id is None else reseller_id,
