@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class Outcome(StrEnum):
@@ -76,6 +76,103 @@ class CallbackRefused(Exception):
     def __init__(self, code: str) -> None:
         super().__init__(code)
         self.code = code
+
+
+# -- pre-check of buyer information (an optional capability) ---------------------------------------
+
+UNAVAILABLE = "unavailable"
+ACCOUNT_NOT_FOUND = "account_not_found"
+DENOMINATION_CLOSED = "denomination_closed"
+INVALID_FIELDS = "invalid_fields"
+# The refusals a supplier can give; an adapter maps anything else to `unavailable`, because a
+# code we do not understand must never be the reason a buyer is turned away.
+PRECHECK_REFUSALS = frozenset({ACCOUNT_NOT_FOUND, DENOMINATION_CLOSED, INVALID_FIELDS})
+
+# What the buyer is told. Ours rather than the supplier's wording: their texts vary in language
+# and quality, and may leak details of the upstream.
+_PRECHECK_TEXT = {
+    "": ("充值信息校验通过", "The recharge details were checked and look right."),
+    ACCOUNT_NOT_FOUND: (
+        "充值账号不存在，请核对后重新填写",
+        "This recharge account does not exist; please check it and try again.",
+    ),
+    DENOMINATION_CLOSED: (
+        "该面值暂时无法充值，请稍后再试或选择其他面值",
+        "This denomination cannot be topped up right now; try later or pick another.",
+    ),
+    INVALID_FIELDS: (
+        "充值信息有误，请核对后重新填写",
+        "The recharge details are not valid; please check them and try again.",
+    ),
+    UNAVAILABLE: (
+        "暂时无法预先校验充值信息，可以继续下单",
+        "The recharge details could not be checked in advance; you can still order.",
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Precheck:
+    """A supplier's answer to "would this buyer information be accepted now?", before payment.
+
+    `reason` is "" for a yes, a code of PRECHECK_REFUSALS for a no, or `unavailable` when no
+    answer could be had (no such capability, timeout, 5xx, garbled body). Only a yes or a no is
+    `decisive`; `unavailable` is always `ok`, so a caller that only reads `ok` can never turn a
+    buyer away because a check did not run. Build one with `passed`, `refused` or `unavailable`.
+    """
+
+    ok: bool
+    reason: str = ""
+    field: str = ""  # the buyer field that is wrong, "" when none (or unknown)
+    message_zh: str = ""
+    message_en: str = ""
+    detail: str = ""  # for logs: what the supplier said, or why there is no answer
+
+    def __post_init__(self) -> None:
+        if self.ok and self.reason not in ("", UNAVAILABLE):
+            raise ValueError(f"a passed pre-check cannot carry reason {self.reason!r}")
+        if not self.ok and self.reason in ("", UNAVAILABLE):
+            raise ValueError("a failed pre-check needs a refusal reason")
+
+    @property
+    def decisive(self) -> bool:
+        """True only when the supplier positively said yes or no."""
+        return self.reason != UNAVAILABLE
+
+    @classmethod
+    def passed(cls, *, detail: str = "") -> Precheck:
+        zh, en = _PRECHECK_TEXT[""]
+        return cls(ok=True, message_zh=zh, message_en=en, detail=detail)
+
+    @classmethod
+    def refused(cls, reason: str, *, field: str = "", detail: str = "") -> Precheck:
+        zh, en = _PRECHECK_TEXT.get(reason, _PRECHECK_TEXT[INVALID_FIELDS])
+        return cls(
+            ok=False, reason=reason, field=field, message_zh=zh, message_en=en, detail=detail
+        )
+
+    @classmethod
+    def unavailable(cls, detail: str = "") -> Precheck:
+        zh, en = _PRECHECK_TEXT[UNAVAILABLE]
+        return cls(ok=True, reason=UNAVAILABLE, message_zh=zh, message_en=en, detail=detail)
+
+
+@runtime_checkable
+class PrecheckPort(Protocol):
+    """The optional capability of checking buyer information before payment (direct top-ups).
+
+    A separate protocol rather than a member of SupplierPort, and no `supports_precheck` flag:
+    a Protocol cannot declare an optional method, and adding a required one would break every
+    existing implementation (test doubles included). A flag would be a second way of saying what
+    `Precheck.unavailable` already says, and callers must handle `unavailable` anyway (the check
+    can time out), so one path covers both "cannot" and "could not": an adapter either lacks
+    the method or answers `unavailable`. `suppliers.precheck.precheck_order` treats both alike.
+
+    Never raises for an upstream problem, and should answer within a few seconds: a buyer is
+    waiting at the checkout.
+    """
+
+    async def precheck(self, *, sku: str, fields: dict[str, str]) -> Precheck: ...
 
 
 class SupplierPort(Protocol):

@@ -18,6 +18,7 @@ from kameng.suppliers.port import (
     CallbackRefused,
     CatalogItem,
     Outcome,
+    Precheck,
     Quote,
     Result,
 )
@@ -142,6 +143,14 @@ class KamengSupplier:
         if one.status_code != 200 or detail is None:
             return Result(Outcome.unknown, detail=f"http {one.status_code}")
         return _order_result(detail)
+
+    async def precheck(self, *, sku: str, fields: dict[str, str]) -> Precheck:
+        """Always `unavailable`: the Reseller API v1 has no pre-check of buyer information yet.
+
+        Their `POST /api/v1/orders` still validates the fields against the product's template
+        and refuses with `invalid_fields`, so wrong information is caught at purchase instead.
+        """
+        return Precheck.unavailable("the kameng Reseller API v1 has no pre-check")
 
     async def balance(self) -> int | None:
         try:

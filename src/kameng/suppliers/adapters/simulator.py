@@ -6,18 +6,25 @@ The mapping is deliberately pessimistic: anything but a well-formed definite ans
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from kameng.suppliers.adapters.signed_http import SignedHttp, TransportFailure, json_or_none
 from kameng.suppliers.port import (
+    PRECHECK_REFUSALS,
     CallbackEvent,
     CallbackRefused,
     CatalogItem,
     Outcome,
+    Precheck,
     Quote,
     Result,
     SupplierKey,
 )
+
+# A buyer is waiting at the checkout, and no answer costs nothing (the order goes ahead), so
+# the pre-check gives up long before a purchase would.
+PRECHECK_TIMEOUT_S = 3.0
 
 _STATUS = {
     "delivered": Outcome.delivered,
@@ -69,9 +76,24 @@ def result_from_body(data: dict[str, Any] | None, *, http_status: int) -> Result
     )
 
 
+def precheck_from_body(data: dict[str, Any] | None, *, http_status: int) -> Precheck:
+    """Only a well-formed yes or a refusal we know is decisive; anything else is `unavailable`."""
+    if http_status != 200 or data is None:
+        return Precheck.unavailable(f"http {http_status}")
+    status, reason, field = data.get("status"), data.get("reason"), data.get("field")
+    if status == "ok":
+        return Precheck.passed()
+    if status == "refused" and isinstance(reason, str) and reason in PRECHECK_REFUSALS:
+        return Precheck.refused(
+            reason, field=field[:64] if isinstance(field, str) else "", detail=reason
+        )
+    return Precheck.unavailable(f"unexpected answer: status {status!r}, reason {reason!r}")
+
+
 class SimulatorSupplier:
-    def __init__(self, http: SignedHttp) -> None:
+    def __init__(self, http: SignedHttp, *, precheck_timeout_s: float = PRECHECK_TIMEOUT_S) -> None:
         self.http = http
+        self.precheck_timeout_s = precheck_timeout_s
 
     async def catalog(self) -> list[CatalogItem]:
         try:
@@ -148,6 +170,19 @@ class SimulatorSupplier:
         if response.status_code == 404:
             return Result(Outcome.rejected, reason="unknown_sku")
         return result_from_body(json_or_none(response), http_status=response.status_code)
+
+    async def precheck(self, *, sku: str, fields: dict[str, str]) -> Precheck:
+        """`POST /v1/precheck`; never raises for a network problem (that is `unavailable`)."""
+        try:
+            async with asyncio.timeout(self.precheck_timeout_s):
+                response = await self.http.call(
+                    "POST", "/v1/precheck", body={"sku": sku, "fields": fields}
+                )
+        except TimeoutError:
+            return Precheck.unavailable(f"no answer within {self.precheck_timeout_s:g} s")
+        except TransportFailure as exc:
+            return Precheck.unavailable(str(exc))
+        return precheck_from_body(json_or_none(response), http_status=response.status_code)
 
     async def query(self, *, order_no: str) -> Result:
         try:

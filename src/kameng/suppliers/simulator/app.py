@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from kameng.suppliers.simulator.auth import RequestVerifier
 from kameng.suppliers.simulator.callbacks import CallbackSender, Dispatcher
 from kameng.suppliers.simulator.config import ConfigError, SimConfig, SkuConfig, default_config
-from kameng.suppliers.simulator.protocol import parse_order_request
+from kameng.suppliers.simulator.protocol import parse_order_request, parse_precheck_request
 from kameng.suppliers.simulator.state import SimState
 
 DEFAULT_MERCHANT_KEY = "demo-merchant"
@@ -100,6 +100,10 @@ async def _sleep_unless_disconnected(request: Request, seconds: float) -> None:
             await watcher
 
 
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
 class Simulator:
     """One simulated supplier: its state, the request verifier and the callback machinery."""
 
@@ -125,10 +129,12 @@ class Simulator:
             Route("/v1/balance", self.balance, methods=["GET"]),
             Route("/v1/orders", self.create_order, methods=["POST"]),
             Route("/v1/orders/{out_trade_no:path}", self.get_order, methods=["GET"]),
+            Route("/v1/precheck", self.precheck, methods=["POST"]),
             Route("/_sim/state", self.sim_state, methods=["GET"]),
             Route("/_sim/skus/{sku:path}", self.sim_put_sku, methods=["PUT"]),
             Route("/_sim/balance", self.sim_balance, methods=["POST"]),
             Route("/_sim/stock/{sku:path}", self.sim_stock, methods=["POST"]),
+            Route("/_sim/missing-accounts", self.sim_missing_accounts, methods=["POST"]),
             Route("/_sim/callbacks/{out_trade_no:path}/resend", self.sim_resend, methods=["POST"]),
             Route("/_sim/reset", self.sim_reset, methods=["POST"]),
         ]
@@ -197,6 +203,37 @@ class Simulator:
             return JSONResponse({"status": "not_found"}, status_code=404)
         await self._latency(self.state.sku_config(order.sku))
         return JSONResponse(order.view())
+
+    async def precheck(self, request: Request) -> Response:
+        """Would a purchase with these buyer fields be accepted now? Nothing is recorded.
+
+        Its faults are its own (`precheck_*`), so a test can break the pre-check while purchases
+        of the same SKU keep working, which is what the caller must survive.
+        """
+        if not await self._authentic(request):
+            return JSONResponse(_UNAUTHORIZED, status_code=401)
+        req = parse_precheck_request(await request.body())
+        if req is None:
+            self.state.stats.bad_requests += 1
+            return JSONResponse(_BAD_REQUEST, status_code=400)
+        cfg = self.state.sku_config(req.sku)
+        if cfg is not None:
+            latency = cfg.latency_ms if cfg.precheck_latency_ms is None else cfg.precheck_latency_ms
+            ms = latency.sample_ms(self.state.rng)
+            if ms > 0:
+                await asyncio.sleep(ms / 1000)
+            if cfg.precheck_error_rate + cfg.precheck_hang_rate > 0:
+                roll = self.state.rng.random()
+                if roll < cfg.precheck_error_rate:
+                    self.state.stats.fault("precheck_error")
+                    return JSONResponse({"status": "error"}, status_code=500)
+                if roll < cfg.precheck_error_rate + cfg.precheck_hang_rate:
+                    self.state.stats.fault("precheck_hang")
+                    await _sleep_unless_disconnected(request, cfg.hang_ms / 1000)
+        answer = self.state.precheck(req.sku, req.fields)
+        if answer is None:
+            return JSONResponse({"status": "rejected", "reason": "unknown_sku"}, status_code=404)
+        return JSONResponse(answer)
 
     async def create_order(self, request: Request) -> Response:
         if not await self._authentic(request):
@@ -308,6 +345,14 @@ class Simulator:
             body = {"status": "error", "code": "unlimited_stock"}
             return JSONResponse(body, status_code=409)
         return JSONResponse({"sku": sku, "available": available})
+
+    async def sim_missing_accounts(self, request: Request) -> Response:
+        data = await self._json_object(request)
+        add, remove = (data or {}).get("add", []), (data or {}).get("remove", [])
+        if data is None or not _strings(add) or not _strings(remove):
+            return JSONResponse({"status": "error", "code": "bad_request"}, status_code=400)
+        missing = self.state.change_missing_accounts(add=add, remove=remove)
+        return JSONResponse({"missing_accounts": missing})
 
     async def sim_resend(self, request: Request) -> Response:
         """Re-send the order's latest event (same event id), even if callbacks are dropped."""

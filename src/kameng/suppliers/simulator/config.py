@@ -123,6 +123,14 @@ class SkuConfig(_Strict):
     # Extensions beyond the written protocol (defaults keep the protocol's behaviour):
     callback_backoff_ms: Millis = 500.0
     callback_reject_rate: Rate = 0.0
+    # Pre-check of buyer information (`POST /v1/precheck`). `account_field` names the field
+    # holding the recharge account; only then are accounts checked for existence (see
+    # SimState.account_exists), so SKUs created before the pre-check existed behave as before.
+    account_field: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    denomination_closed: bool = False
+    precheck_latency_ms: Latency | None = None  # None: the SKU's `latency_ms`
+    precheck_error_rate: Rate = 0.0
+    precheck_hang_rate: Rate = 0.0
 
     @model_validator(mode="after")
     def _consistent(self) -> SkuConfig:
@@ -135,11 +143,17 @@ class SkuConfig(_Strict):
             raise ValueError(
                 "error_after_commit_rate + reset_rate + hang_rate + malformed_rate must be <= 1"
             )
+        if self.precheck_error_rate + self.precheck_hang_rate > 1.0 + 1e-9:
+            raise ValueError("precheck_error_rate + precheck_hang_rate must be <= 1")
         return self
 
     def is_open(self, now: float) -> bool:
         """False while in maintenance (the switch or any window covering `now`)."""
         return not (self.maintenance_now or any(w.covers(now) for w in self.maintenance))
+
+    def orderable(self, now: float) -> bool:
+        """What the catalog and quote call `open`: not in maintenance, denomination not closed."""
+        return self.is_open(now) and not self.denomination_closed
 
     @property
     def partial_count(self) -> int:
@@ -148,10 +162,12 @@ class SkuConfig(_Strict):
 
 
 class SimConfig(_Strict):
-    """The whole simulator: the merchant's opening balance and the catalog."""
+    """The whole simulator: the merchant's opening balance, the catalog, and the recharge
+    accounts that do not exist (besides those ending in MISSING_ACCOUNT_SUFFIX)."""
 
     balance_cents: Annotated[int, Field(ge=0)] = 10_000_000
     skus: list[SkuConfig] = Field(default_factory=list)
+    missing_accounts: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> SimConfig:
@@ -202,7 +218,7 @@ def merge_sku(current: SkuConfig | None, sku: str, patch: dict[str, Any]) -> Sku
 
 def default_config() -> SimConfig:
     """The catalog served when no file is given: two card-key SKUs answered synchronously and a
-    mobile top-up that needs an account and is confirmed by callback."""
+    mobile top-up that needs an existing account and is confirmed by callback."""
     fixed_50 = {"dist": "fixed", "ms": 50}
     return parse_config(
         {
@@ -228,6 +244,7 @@ def default_config() -> SimConfig:
                     "kind": "direct_topup",
                     "price_cents": 4950,
                     "required_fields": ["account"],
+                    "account_field": "account",
                     "latency_ms": fixed_50,
                     "mode": "callback",
                 },

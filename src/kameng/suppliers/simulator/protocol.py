@@ -1,4 +1,5 @@
-"""The `POST /v1/orders` body and the callback event type, shared by state and HTTP layers.
+"""The `POST /v1/orders` and `POST /v1/precheck` bodies and the callback event type, shared by
+state and HTTP layers.
 
 The body is validated strictly (no coercion of "1" to 1, every documented key present) because
 the simulator exists to catch adapter bugs, not to paper over them.
@@ -41,5 +42,23 @@ def parse_order_request(raw: bytes) -> OrderRequest | None:
     """The parsed body, or None for anything malformed (answered 400, nothing recorded)."""
     try:
         return OrderRequest.model_validate_json(raw)
+    except ValidationError:
+        return None
+
+
+class PrecheckRequest(BaseModel):
+    """`POST /v1/precheck` body. The buyer's fields travel in a body rather than a query string
+    so that phone numbers and game accounts stay out of URLs and access logs."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    sku: Annotated[str, Field(min_length=1, max_length=64)]
+    fields: dict[str, str]
+
+
+def parse_precheck_request(raw: bytes) -> PrecheckRequest | None:
+    """The parsed body, or None for anything malformed (answered 400)."""
+    try:
+        return PrecheckRequest.model_validate_json(raw)
     except ValidationError:
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -116,6 +117,15 @@ class RunningSimulator:
             "POST", f"/_sim/stock/{quote(sku, safe='')}", {"add": add}
         )["available"]
         return available
+
+    def missing_accounts(self, *, add: Iterable[str] = (), remove: Iterable[str] = ()) -> list[str]:
+        """Mark recharge accounts as non-existent (or existing again); returns the full set
+        (besides the built-in rule: accounts ending in `0000` never exist)."""
+        body = {"add": list(add), "remove": list(remove)}
+        missing: list[str] = self._control("POST", "/_sim/missing-accounts", body)[
+            "missing_accounts"
+        ]
+        return missing
 
     def resend_callback(self, out_trade_no: str) -> dict[str, Any]:
         return self._control("POST", f"/_sim/callbacks/{quote(out_trade_no, safe='')}/resend")

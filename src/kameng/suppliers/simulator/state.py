@@ -19,6 +19,10 @@ from typing import Any
 from kameng.suppliers.simulator.config import SimConfig, SkuConfig, merge_sku
 from kameng.suppliers.simulator.protocol import Event, OrderRequest
 
+# Recharge accounts ending like this do not exist, with no setup: an easy wrong number for demos
+# and tests ("13800000000"). Others are added through `/_sim/missing-accounts`.
+MISSING_ACCOUNT_SUFFIX = "0000"
+
 
 @dataclass
 class Stats:
@@ -34,6 +38,8 @@ class Stats:
     auth_failures: int = 0
     refunded: int = 0
     callbacks_gave_up: int = 0
+    prechecks: int = 0
+    precheck_refusals: int = 0
     faults: dict[str, int] = field(default_factory=dict)
 
     def fault(self, name: str) -> None:
@@ -125,6 +131,7 @@ class SimState:
         now = clock()
         self.skus: dict[str, SkuState] = {c.sku: SkuState(c, c.stock, now) for c in config.skus}
         self.orders: dict[str, Order] = {}
+        self.missing_accounts: set[str] = set(config.missing_accounts)
         self.stats = Stats()
         # Counters survive /_sim/reset so trade numbers, event ids and keys are never reused.
         self._keys = 0
@@ -150,7 +157,7 @@ class SimState:
                 "kind": e.config.kind,
                 "price_cents": e.config.price_cents,
                 "available": self._available(e),
-                "open": e.config.is_open(now),
+                "open": e.config.orderable(now),
             }
             for e in self.skus.values()
         ]
@@ -163,7 +170,7 @@ class SimState:
             "sku": sku,
             "unit_price_cents": entry.config.price_cents,
             "available": self._available(entry),
-            "open": entry.config.is_open(self.clock()),
+            "open": entry.config.orderable(self.clock()),
         }
 
     # -- control API ----------------------------------------------------------------------------
@@ -187,6 +194,13 @@ class SimState:
         """Sets the balance and makes it the one `/_sim/reset` returns to."""
         self.balance_cents = cents
         self.configured_balance_cents = cents
+
+    def change_missing_accounts(self, *, add: list[str], remove: list[str]) -> list[str]:
+        """Accounts that do not exist (apart from the suffix rule). They are configuration, like
+        SKU settings, so `/_sim/reset` keeps them."""
+        self.missing_accounts.update(a.strip() for a in add)
+        self.missing_accounts.difference_update(a.strip() for a in remove)
+        return sorted(self.missing_accounts)
 
     def add_stock(self, sku: str, add: int) -> int | None:
         entry = self.skus[sku]
@@ -216,7 +230,57 @@ class SimState:
             "skus": {sku: self._sku_view(e) for sku, e in self.skus.items()},
             "orders": {otn: o.summary() for otn, o in self.orders.items()},
             "stats": asdict(self.stats),
+            "missing_accounts": sorted(self.missing_accounts),
         }
+
+    # -- buyer information ----------------------------------------------------------------------
+
+    def account_exists(self, account: str) -> bool:
+        account = account.strip()
+        return not (account.endswith(MISSING_ACCOUNT_SUFFIX) or account in self.missing_accounts)
+
+    def field_problem(self, cfg: SkuConfig, fields: dict[str, str]) -> tuple[str, str] | None:
+        """`(reason, field)` when the buyer's fields would be refused, else None.
+
+        Shared by the purchase and the pre-check so the two can never disagree about an account:
+        the purchase reports every such problem as `invalid_fields` (the protocol's buyer-info
+        refusal), the pre-check tells a missing account apart.
+        """
+        required = list(cfg.required_fields)
+        if cfg.account_field is not None and cfg.account_field not in required:
+            required.append(cfg.account_field)
+        for name in required:
+            if not fields.get(name, "").strip():
+                return "invalid_fields", name
+        for name, refused in cfg.reject_field_values.items():
+            if name in fields and fields[name] in refused:
+                return "invalid_fields", name
+        if cfg.account_field is not None and not self.account_exists(fields[cfg.account_field]):
+            return "account_not_found", cfg.account_field
+        return None
+
+    def precheck(self, sku: str, fields: dict[str, str]) -> dict[str, Any] | None:
+        """The `POST /v1/precheck` answer, or None for an unknown SKU.
+
+        Answers what a purchase would be refused for, in the same order, except stock and
+        balance (the merchant's business, not the buyer's). Maintenance reads as a closed
+        denomination: either way it cannot be topped up now.
+        """
+        entry = self.skus.get(sku)
+        if entry is None:
+            return None
+        self.stats.prechecks += 1
+        cfg = entry.config
+        problem: tuple[str, str] | None = None
+        if not cfg.orderable(self.clock()):
+            problem = ("denomination_closed", "")
+        else:
+            problem = self.field_problem(cfg, fields)
+        if problem is None:
+            return {"status": "ok", "sku": sku}
+        self.stats.precheck_refusals += 1
+        reason, name = problem
+        return {"status": "refused", "sku": sku, "reason": reason, "field": name}
 
     # -- purchases ------------------------------------------------------------------------------
 
@@ -274,11 +338,10 @@ class SimState:
         cfg = entry.config
         if not cfg.is_open(now):
             return "maintenance"
-        if any(not req.fields.get(name, "").strip() for name in cfg.required_fields):
+        if cfg.denomination_closed:
+            return "denomination_closed"
+        if self.field_problem(cfg, req.fields) is not None:
             return "invalid_fields"
-        for name, refused in cfg.reject_field_values.items():
-            if name in req.fields and req.fields[name] in refused:
-                return "invalid_fields"
         available = self._available(entry)
         if available is not None and available < req.quantity and not cfg.partial_count:
             return "out_of_stock"
