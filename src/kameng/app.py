@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kameng import __version__, housekeeping
 from kameng.api import callbacks, reseller_v1
 from kameng.api import payments as payment_edge
+from kameng.api import staff as staff_api
 from kameng.api.responses import JSON
 from kameng.container import Container
 from kameng.errors import ErrorCode, KamengError, normalize_language
@@ -30,7 +31,7 @@ from kameng.payments.registry import Gateways
 from kameng.pipeline.metrics import HealthCache, PipelineCollector
 from kameng.pipeline.registry import Adapters
 from kameng.ratelimit import RateLimiter
-from kameng.web import account, shop
+from kameng.web import account, documents, shop
 
 log = logging.getLogger("kameng")
 
@@ -195,11 +196,13 @@ def create_app(container: Container | None = None, *, embedded_worker: bool = Fa
 
     app.add_middleware(CrashGuard)
     app.include_router(reseller_v1.router)
+    app.include_router(staff_api.router)
     app.include_router(reseller_v1.public)
     app.include_router(callbacks.router)
     app.include_router(payment_edge.router)
     app.include_router(shop.router)
     app.include_router(account.router)
+    app.include_router(documents.router)
     app.mount(
         "/static", StaticFiles(directory=Path(shop.__file__).parent / "static"), name="static"
     )

@@ -84,6 +84,23 @@ class Settings(BaseSettings):
     checkouts_per_minute: int = Field(
         default=20, description="Storefront orders and top-ups started per IP per minute"
     )
+    # Risk screening and the review queue (issue: risk and review).
+    risk_screening: bool = Field(default=True, description="Screen every paid order")
+    review_sla_s: int = Field(default=1800, description="How long an order may wait in review")
+    review_claim_s: int = Field(default=900, description="How long a reviewer's claim lasts")
+    review_two_reviewers_from_cents: int = Field(
+        default=100_000, description="Approvals at or above this amount need two reviewers"
+    )
+    review_auto_approve_below_cents: int = Field(
+        default=10_000,
+        description="At the review SLA, approve orders under this amount; refund the others",
+    )
+    review_escalation_url: str = Field(
+        default="", description="POSTed (JSON) when a review breaches its SLA; empty: log only"
+    )
+    buyer_action_sla_s: int = Field(
+        default=86_400, description="How long a buyer has to correct rejected information"
+    )
 
     @property
     def callback_base_url(self) -> str:

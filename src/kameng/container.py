@@ -30,6 +30,8 @@ from kameng.orders.service import Policy
 from kameng.payments.service import CheckPolicy
 from kameng.pricing import service as pricing
 from kameng.resellers.service import Authenticator
+from kameng.review.service import ReviewPolicy
+from kameng.risk import service as risk
 from kameng.security.crypto import Vault
 from kameng.suppliers import service as suppliers
 from kameng.writer import TransactionRunner
@@ -53,7 +55,9 @@ class Container:
     authenticator: Authenticator = field(init=False)
     inflight: InFlight = field(default_factory=InFlight)
     policy: Policy = field(init=False)
+    review_policy: ReviewPolicy = field(init=False)
     writer: TransactionRunner = field(init=False)
+    risk_engine: risk.Engine = field(default_factory=risk.Engine)
     _accounts: ledger.PlatformAccounts | None = None
     _cache: dict[tuple[str, object], _Cached] = field(default_factory=dict)
     _cache_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -66,6 +70,13 @@ class Container:
             duplicate_window_s=self.settings.duplicate_order_window_s,
             backorder_retry_s=self.settings.backorder_retry_s,
             default_sla_s=self.settings.default_sla_s,
+            review_sla_s=self.settings.review_sla_s,
+        )
+        self.review_policy = ReviewPolicy(
+            sla_s=self.settings.review_sla_s,
+            claim_s=self.settings.review_claim_s,
+            two_reviewers_from_cents=self.settings.review_two_reviewers_from_cents,
+            auto_approve_below_cents=self.settings.review_auto_approve_below_cents,
         )
 
     @classmethod
@@ -91,6 +102,8 @@ class Container:
         _ = self.accounts
         with self.db.unit_of_work() as session:
             pricing.ensure_default_tiers(session)
+        with self.db.connect() as conn:
+            risk.ensure_default_rules(conn, now=self.clock())
 
     def _cached(self, kind: str, key: object, load: Callable[[], object]) -> object:
         now = time.monotonic()
@@ -145,7 +158,13 @@ class Container:
             policy=self.policy,
             sku=lambda conn, sku_id: self.sku_by_id(sku_id, conn=conn),
             has_offers=lambda conn, sku_id: self.has_offers(sku_id, conn=conn),
+            risk_engine=self.screening_engine,
         )
+
+    @property
+    def screening_engine(self) -> risk.Engine | None:
+        """The engine orders are screened with, or None when screening is switched off."""
+        return self.risk_engine if self.settings.risk_screening else None
 
     @property
     def payment_checks(self) -> CheckPolicy:

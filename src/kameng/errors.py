@@ -63,6 +63,23 @@ class ErrorCode(StrEnum):
     pay_type_unsupported = "pay_type_unsupported"
     payment_not_found = "payment_not_found"
     order_not_payable = "order_not_payable"
+    # staff, risk and review
+    staff_auth_required = "staff_auth_required"
+    staff_forbidden = "staff_forbidden"
+    rule_set_not_found = "rule_set_not_found"
+    review_item_not_found = "review_item_not_found"
+    review_claimed_by_other = "review_claimed_by_other"
+    review_not_claimed = "review_not_claimed"
+    review_already_decided = "review_already_decided"
+    review_second_reviewer_required = "review_second_reviewer_required"
+    order_not_fixable = "order_not_fixable"
+    # qualification documents (kameng.documents)
+    qualification_required = "qualification_required"
+    document_invalid = "document_invalid"
+    document_not_found = "document_not_found"
+    document_already_decided = "document_already_decided"
+    too_many_pending_documents = "too_many_pending_documents"
+    reject_reason_required = "reject_reason_required"
 
 
 MESSAGES: dict[ErrorCode, tuple[str, str]] = {
@@ -186,6 +203,69 @@ MESSAGES: dict[ErrorCode, tuple[str, str]] = {
         "订单当前状态（{status}）无需或不能支付",
         "The order cannot be paid in its current status ({status})",
     ),
+    ErrorCode.staff_auth_required: (
+        "需要员工令牌（Authorization: Bearer …）",
+        "A staff token is required (Authorization: Bearer …)",
+    ),
+    ErrorCode.staff_forbidden: (
+        "您的角色（{role}）不能执行此操作",
+        "Your role ({role}) may not do this",
+    ),
+    ErrorCode.rule_set_not_found: (
+        "规则集版本 {version} 不存在",
+        "Rule set version {version} not found",
+    ),
+    ErrorCode.review_item_not_found: ("审核单不存在", "Review item not found"),
+    ErrorCode.review_claimed_by_other: (
+        "该审核单已由 {reviewer} 认领，认领到 {until}",
+        "This item is claimed by {reviewer} until {until}",
+    ),
+    ErrorCode.review_not_claimed: (
+        "请先认领该审核单再做决定",
+        "Claim this item before deciding it",
+    ),
+    ErrorCode.review_already_decided: (
+        "该审核单已处理（{status}）",
+        "This item has already been decided ({status})",
+    ),
+    ErrorCode.review_second_reviewer_required: (
+        "金额较大，需要另一位审核员再次批准（第一位：{first}）",
+        "A large amount needs a second, different reviewer to approve (first: {first})",
+    ),
+    ErrorCode.order_not_fixable: (
+        "订单当前状态（{status}）不需要补充信息",
+        "The order does not need corrected information in its status ({status})",
+    ),
+    # qualification documents (kameng.documents)
+    # `kind` is " (business_license)", or "" when any kind will do.
+    ErrorCode.qualification_required: (
+        "该商品需要账户中有一份已审核通过且未过期的资质文件{kind}。"
+        "请登录后在“我的账户 › 资质文件”（{path}）上传，审核通过后即可购买",
+        "This product needs an approved, unexpired document{kind} on your account. "
+        "Log in and upload it under My account › Documents ({path}); you can buy once it "
+        "is approved",
+    ),
+    # The specific problem is in `fields` (localised like invalid_fields').
+    ErrorCode.document_invalid: (
+        "上传的资质文件不符合要求：文件须为 PDF、PNG 或 JPEG（按文件内容判断，与文件名无关），"
+        "不超过 {max_mb} MB；类型须以小写字母开头，只含小写字母、数字和下划线",
+        "The uploaded document was refused: the file must be a PDF, PNG or JPEG (judged by "
+        "its content, not its name) of at most {max_mb} MB, and the kind must start with a "
+        "lowercase letter and use only a-z, 0-9 and _",
+    ),
+    ErrorCode.document_not_found: ("资质文件不存在", "Document not found"),
+    ErrorCode.document_already_decided: (
+        "该资质文件已审核（{status}），不能再次审核",
+        "This document has already been decided ({status})",
+    ),
+    ErrorCode.too_many_pending_documents: (
+        "您已有 {limit} 份资质文件在等待审核，请等审核完成后再上传",
+        "You already have {limit} documents waiting for review; upload more once decided",
+    ),
+    ErrorCode.reject_reason_required: (
+        "驳回资质文件须填写原因（会展示给买家）",
+        "Rejecting a document needs a reason (the buyer is shown it)",
+    ),
 }
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -232,6 +312,22 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.pay_type_unsupported: 422,
     ErrorCode.payment_not_found: 404,
     ErrorCode.order_not_payable: 409,
+    ErrorCode.staff_auth_required: 401,
+    ErrorCode.staff_forbidden: 403,
+    ErrorCode.rule_set_not_found: 404,
+    ErrorCode.review_item_not_found: 404,
+    ErrorCode.review_claimed_by_other: 409,
+    ErrorCode.review_not_claimed: 409,
+    ErrorCode.review_already_decided: 409,
+    ErrorCode.review_second_reviewer_required: 409,
+    ErrorCode.order_not_fixable: 409,
+    # qualification documents (kameng.documents)
+    ErrorCode.qualification_required: 403,
+    ErrorCode.document_invalid: 422,
+    ErrorCode.document_not_found: 404,
+    ErrorCode.document_already_decided: 409,
+    ErrorCode.too_many_pending_documents: 409,
+    ErrorCode.reject_reason_required: 422,
 }
 
 

@@ -2,6 +2,7 @@
 
 from kameng.audit.models import AuditEntry
 from kameng.catalog.models import Category, Product, Sku
+from kameng.documents.models import BuyerDocument
 from kameng.idempotency.models import IdempotencyRecord
 from kameng.inventory.models import CardKey, KeyReveal, StockBatch
 from kameng.ledger.models import Account, Entry, Hold, LedgerTransaction
@@ -11,6 +12,9 @@ from kameng.payments.models import Payment, PaymentGateway, PaymentNotify, Payou
 from kameng.pipeline.models import OutboxMessage, WorkerHeartbeat
 from kameng.pricing.models import Tier, TierPrice
 from kameng.resellers.models import ApiCredential, ApiNonce, Reseller
+from kameng.review.models import ReviewDecision, ReviewItem
+from kameng.risk.models import RiskFact, RiskListEntry, RiskRuleSet, RiskScreening
+from kameng.staff.models import StaffMember
 from kameng.suppliers.models import Procurement, Supplier, SupplierEvent, SupplierOffer
 
 __all__ = [
@@ -18,6 +22,7 @@ __all__ = [
     "ApiCredential",
     "ApiNonce",
     "AuditEntry",
+    "BuyerDocument",
     "CardKey",
     "Category",
     "Delivery",
@@ -39,7 +44,14 @@ __all__ = [
     "Procurement",
     "Product",
     "Reseller",
+    "ReviewDecision",
+    "ReviewItem",
+    "RiskFact",
+    "RiskListEntry",
+    "RiskRuleSet",
+    "RiskScreening",
     "Sku",
+    "StaffMember",
     "StockBatch",
     "Supplier",
     "SupplierEvent",

@@ -40,6 +40,7 @@ from kameng.ledger import service as ledger
 from kameng.money import format_cents
 from kameng.orders import cancel as order_cancel
 from kameng.orders import queries as order_queries
+from kameng.orders import screening
 from kameng.orders import service as orders
 from kameng.orders.numbers import normalize_order_no
 from kameng.orders.state import Status
@@ -145,6 +146,7 @@ async def create_order(request: Request) -> Any:
         ) from None
     key = idem.validate_key(request.headers.get("idempotency-key"))
     req_hash = idem.request_hash(req.method, req.path.split("?")[0], req.body)
+    client_ip = request.client.host if request.client else ""
 
     def handler(conn: Connection, caller: Caller) -> tuple[dict[str, Any], list[Any], int, bool]:
         idem.lock_across_processes(conn, scope=caller.scope, key=key)
@@ -178,6 +180,8 @@ async def create_order(request: Request) -> Any:
             vault=container.vault,
             policy=container.policy,
             now=now,
+            engine=container.screening_engine,
+            context=screening.Context(ip=client_ip),
         )
         body = render.placed_body(
             placed, sku, payload.quantity, unit_price, fields, language, payload.customer_ref

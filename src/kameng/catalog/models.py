@@ -41,6 +41,12 @@ class Product(Base):
     field_template: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     sla_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
     low_stock_threshold: Mapped[int] = mapped_column(Integer, default=10)
+    # 0 (none) .. 3 (high): an attribute risk rules can use (game currency resold for fraud...).
+    risk_level: Mapped[int] = mapped_column(Integer, default=0)
+    # Buyers need an approved, unexpired document of this kind ('' = any kind) on their
+    # account before they can buy this product.
+    requires_qualification: Mapped[bool] = mapped_column(Boolean, default=False)
+    qualification_kind: Mapped[str] = mapped_column(String(32), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     category: Mapped[Category] = relationship()

@@ -33,6 +33,9 @@ class SkuInfo:
     field_template: tuple[dict[str, Any], ...]
     sla_seconds: int | None
     allow_below_cost: bool
+    risk_level: int = 0
+    requires_qualification: bool = False
+    qualification_kind: str = ""
 
 
 def _sku_info(sku: Sku) -> SkuInfo:
@@ -53,6 +56,9 @@ def _sku_info(sku: Sku) -> SkuInfo:
         field_template=tuple(product.field_template or ()),
         sla_seconds=product.sla_seconds,
         allow_below_cost=sku.allow_below_cost,
+        risk_level=product.risk_level,
+        requires_qualification=product.requires_qualification,
+        qualification_kind=product.qualification_kind,
     )
 
 

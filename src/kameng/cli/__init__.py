@@ -12,9 +12,11 @@ from rich.table import Table
 
 from kameng.cli import (  # noqa: F401  (register their commands)
     catalog,
+    documents,
     gateway_sim,
     payments,
     resellers,
+    risk,
     stock,
     supplier_sim,
     suppliers,

@@ -190,24 +190,25 @@ def chunked(lines: Iterable[str], size: int = INSERT_CHUNK) -> Iterator[list[str
 # -- claim / release / burn -------------------------------------------------------------------
 
 
-def _claim_sql(dialect: str, quantity: int) -> str:
+def _claim_sql(dialect: str, quantity: int, state: str = "sold") -> str:
     n = int(quantity)
+    assert state in ("sold", "held")
     if dialect == "postgresql":
         return (
-            "UPDATE card_keys SET state = 'sold', order_line_id = :line_id, sold_at = :now "
+            f"UPDATE card_keys SET state = '{state}', order_line_id = :line_id, sold_at = :now "
             "WHERE id IN (SELECT id FROM card_keys WHERE sku_id = :sku_id AND state = 'available' "
             f"ORDER BY sku_id, id LIMIT {n} FOR UPDATE SKIP LOCKED) "
             "RETURNING id, batch_id, fingerprint, ciphertext"
         )
     return (
-        "UPDATE card_keys SET state = 'sold', order_line_id = :line_id, sold_at = :now "
+        f"UPDATE card_keys SET state = '{state}', order_line_id = :line_id, sold_at = :now "
         "WHERE id IN (SELECT id FROM card_keys WHERE sku_id = :sku_id AND state = 'available' "
         f"ORDER BY sku_id, id LIMIT {n}) AND state = 'available' "
         "RETURNING id, batch_id, fingerprint, ciphertext"
     )
 
 
-_CLAIMS: dict[tuple[str, int], RawSQL] = {}
+_CLAIMS: dict[tuple[str, int, str], RawSQL] = {}
 
 
 _ENOUGH: dict[int, RawSQL] = {}
@@ -227,13 +228,22 @@ def _enough_available(quantity: int) -> RawSQL:
 
 
 def claim(
-    conn: Connection, *, sku_id: int, quantity: int, line_id: int, now: datetime
+    conn: Connection,
+    *,
+    sku_id: int,
+    quantity: int,
+    line_id: int,
+    now: datetime,
+    hold: bool = False,
 ) -> list[ClaimedKey] | None:
-    """Claim exactly `quantity` keys for an order line, or none at all (returns None)."""
-    key = (conn.dialect.name, quantity)
+    """Claim exactly `quantity` keys for an order line, or none at all (returns None). With
+    `hold`, the keys are set aside for the line without being sold (an order under review):
+    delivery sells them, a rejection puts them back on sale."""
+    state = "held" if hold else "sold"
+    key = (conn.dialect.name, quantity, state)
     stmt = _CLAIMS.get(key)
     if stmt is None:
-        stmt = _CLAIMS.setdefault(key, RawSQL(_claim_sql(conn.dialect.name, quantity)))
+        stmt = _CLAIMS.setdefault(key, RawSQL(_claim_sql(conn.dialect.name, quantity, state)))
     # PostgreSQL: a claim that comes back short must not sit on the rows it did lock, or buyers
     # running at the same time would skip those keys (SKIP LOCKED) and be backordered while
     # stock is there. So first count, without locking, whether there are enough at all: the
@@ -251,7 +261,10 @@ def claim(
     # PostgreSQL this is a lost race for the last keys, and the row locks go when this
     # transaction commits, a few milliseconds later.
     if claimed:
-        release(conn, line_id=line_id)
+        if hold:
+            held_to_stock(conn, line_id=line_id)
+        else:
+            release(conn, line_id=line_id)
     return None
 
 

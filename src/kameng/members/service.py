@@ -49,6 +49,7 @@ class SessionInfo:
     language: str
     wallet_id: int
     stale: bool = False  # last seen long enough ago that its expiry should slide forward
+    since: datetime | None = None  # when the account was created (risk: account age)
 
 
 def normalize_email(email: str) -> str:
@@ -191,6 +192,7 @@ def resolve_session(conn: Connection, *, token: str, now: datetime) -> SessionIn
             _member.c.email,
             _member.c.language,
             _member.c.disabled,
+            _member.c.created_at,
         )
         .join(_member, _member.c.id == _session.c.member_id)
         .where(_session.c.token_hash == token_hash(token))
@@ -204,6 +206,7 @@ def resolve_session(conn: Connection, *, token: str, now: datetime) -> SessionIn
         language=row.language,
         wallet_id=wallet_id,
         stale=row.last_seen_at < now - _SEEN_GRANULARITY,
+        since=row.created_at,
     )
 
 

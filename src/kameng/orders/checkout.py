@@ -25,10 +25,11 @@ from kameng.catalog.service import SkuInfo
 from kameng.db import RawSQL, db_time, notify_due, pipelined, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
-from kameng.orders import fulfil
+from kameng.orders import fulfil, screening
 from kameng.orders import service as orders
 from kameng.orders.models import Order, OrderLine
 from kameng.orders.state import Stage, Status
+from kameng.risk import service as risk
 
 _order = table(Order)
 _line = table(OrderLine)
@@ -42,7 +43,8 @@ _FINISH_PAID = RawSQL(
     "UPDATE orders SET status = :status, stage = :stage, reason = :reason, "
     "stage_since = :at, updated_at = :at, next_action_at = :next_action_at, "
     "sla_deadline = :sla_deadline, hold_id = :hold_id, delivered_at = :delivered_at, "
-    "paid_cents = :paid, version = version + 1 WHERE id = :oid AND version = :version"
+    "paid_cents = :paid, refunded_cents = :refunded, version = version + 1 "
+    "WHERE id = :oid AND version = :version"
 )
 
 
@@ -54,6 +56,7 @@ class PaymentDeps:
     policy: orders.Policy
     sku: Callable[[Connection, int], SkuInfo]  # by SKU id
     has_offers: Callable[[Connection, int], bool]
+    risk_engine: risk.Engine | None = None  # None: paid orders are not screened
 
 
 def place_pending(
@@ -65,8 +68,11 @@ def place_pending(
     policy: orders.Policy,
     now: datetime,
     pay_window_s: int,
+    context: screening.Context | None = None,
 ) -> orders.Placed:
-    """An order that waits for a gateway payment until `now + pay_window_s`."""
+    """An order that waits for a gateway payment until `now + pay_window_s`. With a `context`,
+    its risk facts are recorded now (an unpaid order counts in velocity too) and it is
+    screened when the payment arrives."""
     key = orders.dedupe_key(
         owner=buyer.owner, customer_ref=cmd.customer_ref, sku_id=cmd.sku.id, fields=cmd.fields
     )
@@ -98,6 +104,19 @@ def place_pending(
         {"pay_by": deadline.isoformat()},
     )
     orders.INSERT_EVENTS.run(conn, [event])
+    if context is not None:
+        subject = screening.subject_for(
+            order_id=order_id,
+            owner=buyer.owner,
+            buyer_kind=buyer.kind,
+            channel=cmd.channel,
+            sku=cmd.sku,
+            quantity=cmd.quantity,
+            unit_price_cents=cmd.unit_price_cents,
+            fields=cmd.fields,
+            context=context,
+        )
+        risk.record_facts(conn, subject=subject, now=now)
     return orders.Placed(
         order_id=order_id,
         order_no=order_no,
@@ -158,7 +177,9 @@ def accept_payment(
     order = _lock(conn, order_id)
     status = Status(order.status)
     line = conn.execute(
-        select(_line.c.id, _line.c.quantity).where(_line.c.order_id == order_id).limit(1)
+        select(_line.c.id, _line.c.quantity, _line.c.unit_price_cents)
+        .where(_line.c.order_id == order_id)
+        .limit(1)
     ).one()
     sku = deps.sku(conn, order.sku_id)
     late = status in (Status.expired, Status.canceled)
@@ -196,6 +217,23 @@ def accept_payment(
             late_payment=late,
         )
     ]
+    screened = None
+    if deps.risk_engine is not None:
+        subject = screening.stored_subject(
+            conn,
+            order=order,
+            sku=sku,
+            quantity=line.quantity,
+            unit_price_cents=line.unit_price_cents,
+        )
+        if subject is not None:
+            screened = screening.screen(
+                conn,
+                engine=deps.risk_engine,
+                subject=subject,
+                review_sla_s=deps.policy.review_sla_s,
+                now=now,
+            )
     with pipelined(conn):
         started = orders.start_fulfilment(
             conn,
@@ -211,6 +249,7 @@ def accept_payment(
             policy=deps.policy,
             now=now,
             events=events,
+            screened=screened,
         )
     # Outside the pipeline: its row count is only known once the statement has run.
     changed = _FINISH_PAID.run(
@@ -227,6 +266,7 @@ def accept_payment(
             "sla_deadline": db_time(conn, started.sla_deadline),
             "delivered_at": db_time(conn, now) if started.status is Status.delivered else None,
             "paid": amount_cents,
+            "refunded": amount_cents if started.status is Status.rejected else 0,
         },
     ).rowcount
     if changed != 1:
@@ -322,4 +362,5 @@ def expire_unpaid(conn: Connection, *, order: Any, now: datetime) -> bool:
         next_action_at=None,
         extra_values={"sla_deadline": None},
     )
+    risk.mark_payment_failed(conn, order_id=order.id)
     return True

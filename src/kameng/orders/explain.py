@@ -7,6 +7,8 @@ silence.
 
 from __future__ import annotations
 
+from kameng.risk.rules import CATEGORIES
+
 STATUS_TEXT: dict[str, tuple[str, str]] = {
     "pending_payment": ("待付款", "Awaiting payment"),
     "paid": ("已付款", "Paid"),
@@ -152,6 +154,34 @@ REASON_TEXT: dict[str, tuple[str, str]] = {
 }
 
 
+REASON_TEXT.update(
+    {
+        "risk_check": ("安全检查中", "Safety check in progress"),
+        "risk_rejected": (
+            "订单未通过安全检查，已取消，款项已退回余额",
+            "The order did not pass the safety check; it is canceled and refunded to balance",
+        ),
+        "review_approved": ("审核已通过", "Review passed"),
+        "review_rejected": (
+            "订单未通过人工审核，款项已退回余额",
+            "The order did not pass review; refunded to balance",
+        ),
+        "review_sla_refund": (
+            "审核未能在承诺时间内完成，款项已自动退回余额",
+            "Review could not finish in the promised time; refunded to balance automatically",
+        ),
+    }
+)
+
+# Orders under review: the buyer sees a plain category and the decision time, never the rule.
+for _category, (_zh, _en) in CATEGORIES.items():
+    REASON_TEXT[f"risk_review_{_category}"] = (
+        f"订单需人工审核（{_zh}），款项和库存已为您保留，将在承诺时间前处理完毕",
+        f"Your order is being reviewed ({_en}); your payment and stock are held for you and "
+        "a decision comes before the promised time",
+    )
+
+
 # A guest has no balance: money a guest is owed goes back the way it was paid (the worker
 # refunds it through the gateway). These say so instead of "refunded to balance".
 GUEST_REASON_TEXT: dict[str, tuple[str, str]] = {
@@ -180,6 +210,18 @@ GUEST_REASON_TEXT: dict[str, tuple[str, str]] = {
         "订单关闭后才收到付款，已无法发货，款项将自动原路退回",
         "Payment arrived after the order closed and it can no longer ship; it is refunded "
         "automatically to how you paid",
+    ),
+    "risk_rejected": (
+        "订单未通过安全检查，已取消，款项将原路退回",
+        "The order did not pass the safety check; it is canceled and refunded to how you paid",
+    ),
+    "review_rejected": (
+        "订单未通过人工审核，款项将原路退回",
+        "The order did not pass review; refunded to how you paid",
+    ),
+    "review_sla_refund": (
+        "审核未能在承诺时间内完成，款项将自动原路退回",
+        "Review could not finish in the promised time; refunded automatically to how you paid",
     ),
     "payment_short_credited": (
         "收到的付款不足订单金额，订单已关闭，款项将原路退回",

@@ -105,3 +105,10 @@ def list_member_orders(conn: Connection, *, member_id: int, limit: int) -> list[
         .limit(limit)
     )
     return list(conn.execute(stmt))
+
+
+def order_by_id(conn: Connection, *, order_id: int) -> Any:
+    row = conn.execute(select(_order).where(_order.c.id == order_id)).first()
+    if row is None:
+        raise KamengError(ErrorCode.order_not_found)
+    return row

@@ -19,11 +19,13 @@ from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind
 from kameng.catalog.service import SkuInfo
-from kameng.db import MultiInsert, RawSQL, db_time, notify_due, pipelined, table
+from kameng.db import RawSQL, db_time, notify_due, pipelined, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
 from kameng.ledger.models import Account
+from kameng.orders import screening
+from kameng.orders.events import INSERT_EVENTS, Started, event_row
 from kameng.orders.models import Delivery, Order, OrderEvent, OrderLine
 from kameng.orders.numbers import new_lookup_secret, new_order_no
 from kameng.orders.state import (
@@ -32,6 +34,8 @@ from kameng.orders.state import (
     Status,
     check_transition,
 )
+from kameng.risk import service as risk
+from kameng.risk.rules import Action
 from kameng.security.crypto import Vault
 
 _order = table(Order)
@@ -69,10 +73,6 @@ _INSERT_LINE = RawSQL(
     "INSERT INTO order_lines (order_id, sku_id, quantity, unit_price_cents, fields) "
     "VALUES (:order_id, :sku_id, :quantity, :unit_price_cents, :fields) RETURNING id"
 )
-INSERT_EVENTS = MultiInsert(
-    "order_events",
-    ("order_id", "from_status", "to_status", "stage", "reason", "actor", "details", "at"),
-)
 _QUEUE_EXISTS = RawSQL(
     "SELECT id FROM orders WHERE status = 'backordered' AND sku_id = :sku_id LIMIT 1"
 )
@@ -83,7 +83,8 @@ _INSERT_DELIVERY = RawSQL(
 _FINISH_ORDER = RawSQL(
     "UPDATE orders SET status = :status, stage = :stage, reason = :reason, "
     "next_action_at = :next_action_at, sla_deadline = :sla_deadline, hold_id = :hold_id, "
-    "delivered_at = :delivered_at, version = version + 1 WHERE id = :oid"
+    "delivered_at = :delivered_at, refunded_cents = :refunded, version = version + 1 "
+    "WHERE id = :oid"
 )
 
 
@@ -101,6 +102,12 @@ class Buyer:
     guest_key: str = ""
 
     @property
+    def kind(self) -> str:
+        if self.reseller_id is not None:
+            return "reseller"
+        return "member" if self.member_id is not None else "guest"
+
+    @property
     def owner(self) -> str:
         if self.reseller_id is not None:
             return str(self.reseller_id)  # the format reseller orders always had
@@ -114,6 +121,7 @@ class Policy:
     duplicate_window_s: int = 600
     backorder_retry_s: int = 60
     default_sla_s: int = 1800
+    review_sla_s: int = 1800  # how long an order may wait in manual review
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,32 +176,6 @@ def guard_duplicates(conn: Connection, key: bytes, now: datetime, window_s: int)
             minutes=window_s // 60,
             extra={"existing_order_no": earlier},
         )
-
-
-def event_row(
-    conn: Connection,
-    order_id: int,
-    from_status: Status | None,
-    to_status: Status,
-    stage: Stage | None,
-    reason: str,
-    actor: str,
-    now: datetime,
-    details: dict[str, Any] | None = None,
-    *,
-    late_payment: bool = False,
-) -> dict[str, Any]:
-    move = check_transition(from_status, to_status, stage, late_payment=late_payment)
-    return {
-        "order_id": order_id,
-        "from_status": move.from_status.value if move.from_status else None,
-        "to_status": move.to_status.value,
-        "stage": move.stage.value,
-        "reason": reason,
-        "actor": actor,
-        "details": json.dumps(details or {}, ensure_ascii=False),
-        "at": db_time(conn, now),
-    }
 
 
 def insert_order(
@@ -257,19 +239,6 @@ def insert_order(
     return int(order_id), int(line_id), order_no, lookup_secret
 
 
-@dataclass(frozen=True, slots=True)
-class Started:
-    """Where a just-paid order went first, as `start_fulfilment` decided and wrote it."""
-
-    status: Status
-    stage: Stage
-    reason: str
-    claimed: list[inventory.ClaimedKey] | None
-    next_action_at: datetime | None
-    sla_deadline: datetime | None
-    hold_id: int | None
-
-
 def start_fulfilment(
     conn: Connection,
     *,
@@ -285,11 +254,29 @@ def start_fulfilment(
     policy: Policy,
     now: datetime,
     events: list[dict[str, Any]],
+    screened: screening.Screened | None = None,
 ) -> Started:
     """What a paid order does first, whoever paid and however: claim own stock and deliver
     (a sale from `wallet_id`), or hold the money and queue it behind a backorder, send it
     upstream or hand it to staff. Writes `events` (the caller's plus these), the delivery,
-    the reveal audit and the ledger; the caller writes the order row's final state."""
+    the reveal audit and the ledger; the caller writes the order row's final state. An order
+    screening flagged goes to review or is rejected instead (`screening.divert`)."""
+    if screened is not None and screened.action is not Action.allow:
+        return screening.divert(
+            conn,
+            order_id=order_id,
+            line_id=line_id,
+            sku=sku,
+            quantity=quantity,
+            amount=amount,
+            currency=sku.currency,
+            wallet_id=wallet_id,
+            actor=actor,
+            screened=screened,
+            accounts=accounts,
+            now=now,
+            events=events,
+        )
     at = db_time(conn, now)
     claimed: list[inventory.ClaimedKey] | None = None
     queued = False
@@ -415,8 +402,11 @@ def place_order(
     vault: Vault,
     policy: Policy,
     now: datetime,
+    engine: risk.Engine | None = None,
+    context: screening.Context | None = None,
 ) -> Placed:
-    """Place an order paid from the buyer's balance, in one transaction with its fulfilment."""
+    """Place an order paid from the buyer's balance, in one transaction with its screening
+    (when a risk engine is given) and its fulfilment."""
     sku = cmd.sku
     amount = cmd.unit_price_cents * cmd.quantity
     key = dedupe_key(
@@ -443,6 +433,23 @@ def place_order(
     events = [
         event_row(conn, order_id, None, Status.paid, None, "paid_from_balance", buyer.actor, now)
     ]
+    screened = None
+    if engine is not None:
+        subject = screening.subject_for(
+            order_id=order_id,
+            owner=buyer.owner,
+            buyer_kind=buyer.kind,
+            channel=cmd.channel,
+            sku=sku,
+            quantity=cmd.quantity,
+            unit_price_cents=cmd.unit_price_cents,
+            fields=cmd.fields,
+            context=context or screening.Context(),
+        )
+        risk.record_facts(conn, subject=subject, now=now)
+        screened = screening.screen(
+            conn, engine=engine, subject=subject, review_sla_s=policy.review_sla_s, now=now
+        )
     with pipelined(conn):
         started = start_fulfilment(
             conn,
@@ -458,6 +465,7 @@ def place_order(
             policy=policy,
             now=now,
             events=events,
+            screened=screened,
         )
         _FINISH_ORDER.run(
             conn,
@@ -470,6 +478,7 @@ def place_order(
                 "next_action_at": db_time(conn, started.next_action_at),
                 "sla_deadline": db_time(conn, started.sla_deadline),
                 "delivered_at": db_time(conn, now) if started.status is Status.delivered else None,
+                "refunded": amount if started.status is Status.rejected else 0,
             },
         ).close()
     return Placed(

@@ -70,7 +70,14 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
         {Status.review, Status.fulfilling, Status.rejected, Status.canceled, Status.refunded}
     ),
     Status.review: frozenset(
-        {Status.fulfilling, Status.rejected, Status.canceled, Status.refunded}
+        {
+            Status.fulfilling,
+            Status.backordered,  # approved, but the stock went while it waited (no keys held)
+            Status.delivered,  # approved with its keys held
+            Status.rejected,
+            Status.canceled,
+            Status.refunded,
+        }
     ),
     Status.fulfilling: frozenset(
         {

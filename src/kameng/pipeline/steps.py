@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
-from kameng.catalog.models import DeliveryKind
+from kameng.catalog.models import DeliveryKind, Product, Sku
 from kameng.db import table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
@@ -26,9 +26,10 @@ from kameng.orders import checkout, fulfil
 from kameng.orders.models import OrderEvent
 from kameng.orders.state import TERMINAL, Stage, Status
 from kameng.payments import service as payments
-from kameng.pipeline import apply, outbox
+from kameng.pipeline import apply, outbox, review_actions
 from kameng.pipeline.apply import Timing, cap_at_deadline
 from kameng.pipeline.registry import Adapters
+from kameng.review.service import ReviewPolicy
 from kameng.security.crypto import Vault
 from kameng.suppliers import service as suppliers
 from kameng.suppliers.models import ProcurementState, Supplier, SupplierOffer
@@ -40,6 +41,8 @@ T = TypeVar("T")
 _event = table(OrderEvent)
 _supplier = table(Supplier)
 _offer_table = table(SupplierOffer)
+_product = table(Product)
+_sku = table(Sku)
 
 # A purchase the supplier says it never received is re-sent under the same out-trade-no (they
 # deduplicate on it) this many times before we give up on that supplier for this order.
@@ -74,6 +77,9 @@ class StepContext:
     callback_base_url: str
     timing: Timing = field(default_factory=Timing)
     lease_s: int = 120
+    review_policy: ReviewPolicy = field(default_factory=ReviewPolicy)
+    default_sla_s: int = 1800
+    escalation_url: str = ""
     # Supplier rows and offers change rarely and are read by every step: keep them a second.
     cache_ttl_s: float = 1.0
     _cache: dict[tuple[str, int], tuple[float, Any]] = field(default_factory=dict)
@@ -221,6 +227,22 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
         expired = checkout.expire_unpaid(conn, order=order, now=now)
         return Plan("done", "payment_expired" if expired else "awaiting_payment")
 
+    if status is Status.review:
+        fulfil_sla_s = ctx.default_sla_s
+        sla = ctx.cached("sla", order.sku_id, lambda: _product_sla(conn, order.sku_id))
+        if sla:
+            fulfil_sla_s = int(sla)
+        label = review_actions.apply_sla(
+            conn,
+            loaded=loaded,
+            policy=ctx.review_policy,
+            accounts=ctx.accounts,
+            fulfil_sla_s=fulfil_sla_s,
+            escalation_url=ctx.escalation_url,
+            now=now,
+        )
+        return Plan("done", label)
+
     if status is Status.needs_buyer_action:
         if overdue:
             apply.refund(
@@ -332,6 +354,15 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
         fields=dict(loaded.line.fields or {}),
         deadline=order.sla_deadline,
     )
+
+
+def _product_sla(conn: Connection, sku_id: int) -> int | None:
+    value = conn.execute(
+        select(_product.c.sla_seconds)
+        .join(_sku, _sku.c.product_id == _product.c.id)
+        .where(_sku.c.id == sku_id)
+    ).scalar()
+    return int(value) if value else None
 
 
 def _offer_sku(conn: Connection, offer_id: int) -> str:

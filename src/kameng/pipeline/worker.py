@@ -98,6 +98,9 @@ class Worker:
                 backorder_retry_s=s.backorder_retry_s,
             ),
             lease_s=s.worker_lease_s,
+            review_policy=self.container.review_policy,
+            default_sla_s=s.default_sla_s,
+            escalation_url=s.review_escalation_url,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -28,6 +28,18 @@ MAX_RULES = 500
 MAX_DEPTH = 8
 
 
+# What a buyer is told about why their order is being checked: a plain category, never the rule.
+CATEGORIES: dict[str, tuple[str, str]] = {
+    "velocity": ("短时间内下单较多", "many orders in a short time"),
+    "amount": ("订单金额较大", "a large order amount"),
+    "account": ("账户较新或信息待核实", "a new account or details to verify"),
+    "network": ("网络环境异常", "an unusual network"),
+    "recharge_account": ("充值账号需核实", "the recharge account needs checking"),
+    "product": ("该商品需额外核验", "this product needs an extra check"),
+    "general": ("常规安全核验", "a routine safety check"),
+}
+
+
 class Action(StrEnum):
     allow = "allow"
     review = "review"
@@ -56,6 +68,7 @@ class Rule:
     when: dict[str, Any]
     explain_zh: str
     explain_en: str
+    category: str = "general"
 
     def explain(self, language: str) -> str:
         return self.explain_en if language == "en" else self.explain_zh
@@ -67,6 +80,10 @@ class Verdict:
     rule: Rule | None  # the deciding rule; None when nothing matched (allowed by default)
     score: int
     matched: tuple[str, ...]  # codes of every matching rule, in priority order
+
+    @property
+    def category(self) -> str:
+        return self.rule.category if self.rule is not None else "general"
 
 
 def _bad(detail: str) -> KamengError:
@@ -137,10 +154,31 @@ def parse_rules(raw: Any) -> list[Rule]:
         ):
             raise _bad(f"{code}: explain needs zh-CN and en texts")
         _check_condition(item.get("when"), code)
+        category = item.get("category", "general")
+        if category not in CATEGORIES:
+            raise _bad(f"{code}: category must be one of {sorted(CATEGORIES)}")
         rules.append(
-            Rule(code, priority, action, score, item["when"], explain["zh-CN"], explain["en"])
+            Rule(
+                code,
+                priority,
+                action,
+                score,
+                item["when"],
+                explain["zh-CN"],
+                explain["en"],
+                category,
+            )
         )
     return sorted(rules, key=lambda r: (r.priority, r.code))
+
+
+def attributes_used(cond: Mapping[str, Any]) -> set[str]:
+    """Every attribute a (checked) condition reads."""
+    if "all" in cond or "any" in cond:
+        return set().union(*(attributes_used(c) for c in cond["all" if "all" in cond else "any"]))
+    if "not" in cond:
+        return attributes_used(cond["not"])
+    return {str(cond["attr"])}
 
 
 def matches(cond: Mapping[str, Any], attrs: Mapping[str, Any]) -> bool:

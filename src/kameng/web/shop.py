@@ -20,11 +20,12 @@ from kameng.api import render as api_render
 from kameng.catalog import service as catalog
 from kameng.catalog.fields import validate_fields
 from kameng.container import Container
+from kameng.documents import service as documents
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
 from kameng.orders import cancel as order_cancel
-from kameng.orders import checkout
+from kameng.orders import checkout, screening
 from kameng.orders import queries as order_queries
 from kameng.orders import service as orders
 from kameng.orders.explain import status_text
@@ -247,9 +248,22 @@ async def buy(request: Request, code: str) -> Response:
         supplier_offers=await run_in_threadpool(container.has_offers, sku.id),
     )
     actor = f"member:{member.member_id}" if member else "guest"
+    context = screening.Context(
+        ip=client_ip(request),
+        device=ctx.anon_id,
+        email=member.email if member else "",
+        buyer_since=member.since if member else None,
+    )
 
     def place(conn: Connection) -> tuple[str, str, bool]:
         now = container.clock()
+        documents.require(
+            conn,
+            member_id=member.member_id if member else None,
+            requires=sku.requires_qualification,
+            kind=sku.qualification_kind,
+            now=now,
+        )
         if pay == "balance":
             if member is None:
                 raise KamengError(ErrorCode.login_required)
@@ -261,6 +275,8 @@ async def buy(request: Request, code: str) -> Response:
                 vault=container.vault,
                 policy=container.policy,
                 now=now,
+                engine=container.screening_engine,
+                context=context,
             )
             return placed.order_no, placed.lookup_secret, False
         gateway_code, _, pay_type = pay.partition(":")
@@ -281,6 +297,7 @@ async def buy(request: Request, code: str) -> Response:
             policy=container.policy,
             now=now,
             pay_window_s=container.settings.payment_window_s,
+            context=context,
         )
         payments.open_payment(
             conn,

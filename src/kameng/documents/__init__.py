@@ -1,0 +1,1 @@
+"""Qualification documents: what a buyer uploads for products that require one."""

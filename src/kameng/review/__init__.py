@@ -1,0 +1,1 @@
+"""The manual review queue: claims, decisions (two reviewers above an amount), SLA actions."""

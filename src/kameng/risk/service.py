@@ -1,0 +1,593 @@
+"""Risk use cases: rule-set versions, lists, facts, and screening an order.
+
+Rule sets are immutable once saved: a change is a new version (who, when, why), and activating
+one as `live` or `shadow` retires the one it replaces, so what decided any past order can always
+be looked up by its version. Screening reads only the database (no outbound calls) and runs in
+the transaction that takes the payment, so an order is never paid and unscreened.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.engine import Connection
+
+from kameng.audit import service as audit
+from kameng.db import MultiInsert, RawSQL, db_time, table
+from kameng.errors import ErrorCode, KamengError
+from kameng.risk import attributes
+from kameng.risk.attributes import Lists, Subject
+from kameng.risk.defaults import DEFAULT_RULES
+from kameng.risk.models import ListKind, RiskListEntry, RiskRuleSet, RiskScreening, RuleSetStatus
+from kameng.risk.rules import Action, Rule, Verdict, attributes_used, evaluate, parse_rules
+
+_sets = table(RiskRuleSet)
+_lists = table(RiskListEntry)
+_screenings = table(RiskScreening)
+
+SCREEN_SECONDS = Histogram(
+    "kameng_risk_screening_seconds",
+    "Time to screen one order (attributes + rules), in seconds",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+SCREEN_DECISIONS = Counter(
+    "kameng_risk_decisions_total", "Screening decisions, by mode and action", ["mode", "action"]
+)
+
+LIST_KEYS = attributes.KEYS
+
+
+def _bad(detail: str) -> KamengError:
+    return KamengError(ErrorCode.invalid_request, detail=detail)
+
+
+def check_rule_set(raw: Any) -> list[Rule]:
+    """Parse a rule set and check that every attribute it reads is one screening provides."""
+    rules = parse_rules(raw)
+    for rule in rules:
+        unknown = sorted(a for a in attributes_used(rule.when) if not attributes.known_attr(a))
+        if unknown:
+            raise _bad(
+                f"risk rule: {rule.code}: unknown attribute {unknown[0]} (see docs/risk.md "
+                "for the attributes and the <key>_<metric>_<window> counters)"
+            )
+    return rules
+
+
+# -- rule-set versions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSetView:
+    version: int
+    status: str
+    rules: list[dict[str, Any]]
+    note: str
+    created_by: str
+    created_at: datetime
+    activated_by: str
+    activated_at: datetime | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "status": self.status,
+            "rules": self.rules,
+            "note": self.note,
+            "created_by": self.created_by,
+            "created_at": self.created_at.isoformat(),
+            "activated_by": self.activated_by,
+            "activated_at": self.activated_at.isoformat() if self.activated_at else None,
+        }
+
+
+def _view(row: Any) -> RuleSetView:
+    return RuleSetView(
+        version=int(row.version),
+        status=str(row.status),
+        rules=list(row.rules),
+        note=str(row.note),
+        created_by=str(row.created_by),
+        created_at=row.created_at,
+        activated_by=str(row.activated_by),
+        activated_at=row.activated_at,
+    )
+
+
+def save_rule_set(
+    conn: Connection, *, rules: Any, note: str, actor: str, now: datetime
+) -> RuleSetView:
+    """Save a new version as a draft (checked first; nothing is saved if a rule is bad)."""
+    check_rule_set(rules)
+    latest = conn.execute(select(_sets.c.version).order_by(_sets.c.version.desc()).limit(1))
+    version = int(latest.scalar() or 0) + 1
+    conn.execute(
+        insert(_sets).values(
+            version=version,
+            status=RuleSetStatus.draft.value,
+            rules=rules,
+            note=note[:2000],
+            created_by=actor,
+            created_at=now,
+            activated_by="",
+        )
+    )
+    audit.record_on(
+        conn,
+        actor=actor,
+        action="risk_rules_saved",
+        target_type="risk_rule_set",
+        target_id=version,
+        now=now,
+        details={"rules": len(rules), "note": note[:200]},
+    )
+    return get_rule_set(conn, version=version)
+
+
+def get_rule_set(conn: Connection, *, version: int) -> RuleSetView:
+    row = conn.execute(select(_sets).where(_sets.c.version == version)).first()
+    if row is None:
+        raise KamengError(ErrorCode.rule_set_not_found, version=version)
+    return _view(row)
+
+
+def list_rule_sets(conn: Connection) -> list[RuleSetView]:
+    return [_view(r) for r in conn.execute(select(_sets).order_by(_sets.c.version.desc()))]
+
+
+def activate(
+    conn: Connection, *, version: int, mode: RuleSetStatus, actor: str, now: datetime
+) -> RuleSetView:
+    """Make a version the live set or the shadow set; the one it replaces is retired."""
+    if mode not in (RuleSetStatus.live, RuleSetStatus.shadow):
+        raise _bad("a rule set is activated as live or shadow")
+    target = get_rule_set(conn, version=version)
+    check_rule_set(target.rules)  # rules saved by an older release must still parse
+    conn.execute(
+        update(_sets)
+        .where(_sets.c.status == mode.value, _sets.c.version != version)
+        .values(status=RuleSetStatus.retired.value)
+    )
+    conn.execute(
+        update(_sets)
+        .where(_sets.c.version == version)
+        .values(status=mode.value, activated_by=actor, activated_at=now)
+    )
+    audit.record_on(
+        conn,
+        actor=actor,
+        action=f"risk_rules_{mode.value}",
+        target_type="risk_rule_set",
+        target_id=version,
+        now=now,
+        details={"previous_status": target.status},
+    )
+    return get_rule_set(conn, version=version)
+
+
+def stop_shadow(conn: Connection, *, actor: str, now: datetime) -> int:
+    stopped = conn.execute(
+        update(_sets)
+        .where(_sets.c.status == RuleSetStatus.shadow.value)
+        .values(status=RuleSetStatus.retired.value)
+    ).rowcount
+    if stopped:
+        audit.record_on(
+            conn,
+            actor=actor,
+            action="risk_rules_shadow_stopped",
+            target_type="risk_rule_set",
+            target_id="shadow",
+            now=now,
+        )
+    return int(stopped)
+
+
+def ensure_default_rules(conn: Connection, *, now: datetime) -> None:
+    """A fresh installation screens with the bundled rule set (version 1, live)."""
+    if conn.execute(select(_sets.c.id).limit(1)).first() is not None:
+        return
+    saved = save_rule_set(
+        conn, rules=DEFAULT_RULES, note="bundled default rules", actor="system", now=now
+    )
+    activate(conn, version=saved.version, mode=RuleSetStatus.live, actor="system", now=now)
+
+
+# -- lists ------------------------------------------------------------------------------------
+
+
+def _normalise_entry(which: ListKind, kind: str, value: str) -> str:
+    value = value.strip()
+    if which is ListKind.proxy:
+        if kind != "ip":
+            raise _bad("the proxy list holds IP addresses and networks only (kind ip)")
+        try:
+            if "/" in value:
+                return str(ipaddress.ip_network(value, strict=False))
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise _bad(f"not an IP address or network: {value[:60]}") from None
+    if kind not in LIST_KEYS:
+        raise _bad(f"list entries are one of {', '.join(LIST_KEYS)}")
+    if not value or len(value) > 200:
+        raise _bad("a list value is 1-200 characters")
+    if kind == "ip":
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise _bad(f"not an IP address: {value[:60]}") from None
+    return value.lower() if kind == "email" else value
+
+
+def add_list_entry(
+    conn: Connection, *, which: str, kind: str, value: str, note: str, actor: str, now: datetime
+) -> str:
+    try:
+        list_kind = ListKind(which)
+    except ValueError:
+        raise _bad("the lists are allow, block and proxy") from None
+    value = _normalise_entry(list_kind, kind, value)
+    exists = conn.execute(
+        select(_lists.c.id).where(
+            _lists.c.list == list_kind.value, _lists.c.kind == kind, _lists.c.value == value
+        )
+    ).first()
+    if exists is None:
+        conn.execute(
+            insert(_lists).values(
+                list=list_kind.value,
+                kind=kind,
+                value=value,
+                note=note[:500],
+                created_by=actor,
+                created_at=now,
+            )
+        )
+        audit.record_on(
+            conn,
+            actor=actor,
+            action="risk_list_added",
+            target_type="risk_list",
+            target_id=f"{list_kind.value}:{kind}",
+            now=now,
+            details={"value": value, "note": note[:200]},
+        )
+    return value
+
+
+def remove_list_entry(
+    conn: Connection, *, which: str, kind: str, value: str, actor: str, now: datetime
+) -> bool:
+    try:
+        list_kind = ListKind(which)
+        value = _normalise_entry(list_kind, kind, value)
+    except (ValueError, KamengError):
+        return False
+    gone = conn.execute(
+        delete(_lists).where(
+            _lists.c.list == list_kind.value, _lists.c.kind == kind, _lists.c.value == value
+        )
+    ).rowcount
+    if gone:
+        audit.record_on(
+            conn,
+            actor=actor,
+            action="risk_list_removed",
+            target_type="risk_list",
+            target_id=f"{list_kind.value}:{kind}",
+            now=now,
+            details={"value": value},
+        )
+    return bool(gone)
+
+
+def list_entries(conn: Connection, *, which: str | None = None) -> list[dict[str, Any]]:
+    stmt = select(_lists).order_by(_lists.c.list, _lists.c.kind, _lists.c.value)
+    if which:
+        stmt = stmt.where(_lists.c.list == which)
+    return [
+        {
+            "list": r.list,
+            "kind": r.kind,
+            "value": r.value,
+            "note": r.note,
+            "created_by": r.created_by,
+            "created_at": r.created_at.isoformat(),
+        }
+        for r in conn.execute(stmt)
+    ]
+
+
+def load_lists(conn: Connection) -> Lists:
+    allow: set[tuple[str, str]] = set()
+    block: set[tuple[str, str]] = set()
+    proxy_ips: set[str] = set()
+    nets = []
+    for r in conn.execute(select(_lists.c.list, _lists.c.kind, _lists.c.value)):
+        if r.list == ListKind.allow.value:
+            allow.add((r.kind, r.value))
+        elif r.list == ListKind.block.value:
+            block.add((r.kind, r.value))
+        elif "/" in r.value:
+            nets.append(ipaddress.ip_network(r.value, strict=False))
+        else:
+            proxy_ips.add(r.value)
+    return Lists(frozenset(allow), frozenset(block), frozenset(proxy_ips), tuple(nets))
+
+
+# -- the engine: what screening needs, cached ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    live_version: int
+    live: list[Rule]
+    shadow_version: int | None
+    shadow: list[Rule]
+    lists: Lists
+    needed: frozenset[str]
+
+
+def _needed(*rule_sets: Iterable[Rule]) -> frozenset[str]:
+    out: set[str] = set()
+    for rules in rule_sets:
+        for rule in rules:
+            out |= attributes_used(rule.when)
+    return frozenset(out)
+
+
+@dataclass
+class Engine:
+    """The live and shadow rule sets and the lists, reloaded at most every `ttl_s` seconds:
+    a rule or list change reaches screening within that time, and screening itself reads no
+    rule rows. One per process (the container owns it)."""
+
+    ttl_s: float = 2.0
+    _loaded: Loaded | None = None
+    _expires: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def invalidate(self) -> None:
+        self._expires = 0.0
+
+    def current(self, conn: Connection) -> Loaded:
+        now = time.monotonic()
+        loaded = self._loaded
+        if loaded is not None and self._expires > now:
+            return loaded
+        with self._lock:
+            if self._loaded is not None and self._expires > time.monotonic():
+                return self._loaded
+            loaded = self._load(conn)
+            self._loaded, self._expires = loaded, time.monotonic() + self.ttl_s
+            return loaded
+
+    @staticmethod
+    def _load(conn: Connection) -> Loaded:
+        rows = conn.execute(
+            select(_sets.c.version, _sets.c.status, _sets.c.rules).where(
+                _sets.c.status.in_((RuleSetStatus.live.value, RuleSetStatus.shadow.value))
+            )
+        ).all()
+        live = next((r for r in rows if r.status == RuleSetStatus.live.value), None)
+        shadow = next((r for r in rows if r.status == RuleSetStatus.shadow.value), None)
+        live_rules = parse_rules(live.rules) if live is not None else []
+        shadow_rules = parse_rules(shadow.rules) if shadow is not None else []
+        return Loaded(
+            live_version=int(live.version) if live is not None else 0,
+            live=live_rules,
+            shadow_version=int(shadow.version) if shadow is not None else None,
+            shadow=shadow_rules,
+            lists=load_lists(conn),
+            needed=_needed(live_rules, shadow_rules),
+        )
+
+
+# -- facts and screening ----------------------------------------------------------------------
+
+_INSERT_FACT = RawSQL(
+    "INSERT INTO risk_facts (order_id, buyer, ip, device, email, account, amount_cents, failed, "
+    "created_at) VALUES (:order_id, :buyer, :ip, :device, :email, :account, :amount_cents, "
+    ":failed, :created_at)"
+)
+_MARK_FAILED = RawSQL("UPDATE risk_facts SET failed = :yes WHERE order_id = :order_id")
+INSERT_SCREENINGS = MultiInsert(
+    "risk_screenings",
+    (
+        "order_id",
+        "rule_set_version",
+        "mode",
+        "action",
+        "rule_code",
+        "score",
+        "matched",
+        "attrs",
+        "latency_us",
+        "at",
+    ),
+)
+
+
+def record_facts(conn: Connection, *, subject: Subject, now: datetime) -> None:
+    """What velocity counters count; written when the order is placed, paid or not."""
+    _INSERT_FACT.run(
+        conn,
+        {
+            "order_id": subject.order_id,
+            "buyer": subject.buyer[:80],
+            "ip": subject.ip[:45],
+            "device": subject.device[:64],
+            "email": subject.email[:254],
+            "account": subject.account[:128],
+            "amount_cents": subject.amount_cents,
+            "failed": False,
+            "created_at": db_time(conn, now),
+        },
+    ).close()
+
+
+def mark_payment_failed(conn: Connection, *, order_id: int) -> None:
+    _MARK_FAILED.run(conn, {"yes": True, "order_id": order_id}).close()
+
+
+@dataclass(frozen=True, slots=True)
+class Screening:
+    verdict: Verdict
+    rule_set_version: int
+    attrs: dict[str, Any]
+    shadow: Verdict | None
+    latency_us: int
+
+    @property
+    def action(self) -> Action:
+        return self.verdict.action
+
+    def reasons(self, rules: list[Rule]) -> list[dict[str, Any]]:
+        """Every matching rule with its explanation, for reviewers (never shown to buyers)."""
+        by_code = {r.code: r for r in rules}
+        return [
+            {
+                "code": code,
+                "category": by_code[code].category,
+                "score": by_code[code].score,
+                "zh-CN": by_code[code].explain_zh,
+                "en": by_code[code].explain_en,
+            }
+            for code in self.verdict.matched
+            if code in by_code
+        ]
+
+
+def _row(
+    conn: Connection,
+    order_id: int,
+    version: int,
+    mode: str,
+    verdict: Verdict,
+    attrs: dict[str, Any],
+    latency_us: int,
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "order_id": order_id,
+        "rule_set_version": version,
+        "mode": mode,
+        "action": verdict.action.value,
+        "rule_code": verdict.rule.code if verdict.rule else "",
+        "score": verdict.score,
+        "matched": json.dumps(list(verdict.matched)),
+        "attrs": json.dumps(attrs, ensure_ascii=False, default=str),
+        "latency_us": latency_us,
+        "at": db_time(conn, now),
+    }
+
+
+def screen(
+    conn: Connection, *, engine: Engine, subject: Subject, now: datetime
+) -> tuple[Screening, list[Rule]]:
+    """Screen one order whose facts are already recorded; stores the live (and shadow) result.
+    Returns the screening and the live rules it was decided by (for the reviewer's reasons)."""
+    started = time.perf_counter()
+    loaded = engine.current(conn)
+    attrs = attributes.gather(
+        conn, subject=subject, lists=loaded.lists, needed=loaded.needed, now=now
+    )
+    verdict = evaluate(loaded.live, attrs)
+    shadow = evaluate(loaded.shadow, attrs) if loaded.shadow_version is not None else None
+    elapsed = time.perf_counter() - started
+    latency_us = int(elapsed * 1_000_000)
+    rows = [
+        _row(conn, subject.order_id, loaded.live_version, "live", verdict, attrs, latency_us, now)
+    ]
+    if shadow is not None and loaded.shadow_version is not None:
+        rows.append(
+            _row(conn, subject.order_id, loaded.shadow_version, "shadow", shadow, attrs, 0, now)
+        )
+        SCREEN_DECISIONS.labels("shadow", shadow.action.value).inc()
+    INSERT_SCREENINGS.run(conn, rows)
+    SCREEN_SECONDS.observe(elapsed)
+    SCREEN_DECISIONS.labels("live", verdict.action.value).inc()
+    return Screening(verdict, loaded.live_version, attrs, shadow, latency_us), loaded.live
+
+
+def screenings_of(conn: Connection, *, order_id: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        select(_screenings).where(_screenings.c.order_id == order_id).order_by(_screenings.c.id)
+    )
+    return [
+        {
+            "mode": r.mode,
+            "rule_set_version": r.rule_set_version,
+            "action": r.action,
+            "rule": r.rule_code,
+            "score": r.score,
+            "matched": r.matched,
+            "attrs": r.attrs,
+            "latency_us": r.latency_us,
+            "at": r.at.isoformat(),
+        }
+        for r in rows
+    ]
+
+
+_HISTORY = text(
+    "SELECT o.order_no, o.status, o.reason, o.amount_cents, o.currency, o.channel, "
+    "o.created_at, f.ip, f.account FROM risk_facts f JOIN orders o ON o.id = f.order_id "
+    "WHERE f.buyer = :buyer ORDER BY f.created_at DESC, f.order_id DESC LIMIT 20"
+)
+_HISTORY_SUMMARY = text(
+    "SELECT o.status, COUNT(*), SUM(o.amount_cents) FROM risk_facts f "
+    "JOIN orders o ON o.id = f.order_id WHERE f.buyer = :buyer GROUP BY o.status"
+)
+
+
+def buyer_history(conn: Connection, *, order_id: int) -> dict[str, Any]:
+    """What a reviewer needs to judge the buyer: their recent orders and how they ended."""
+    fact = conn.execute(
+        text("SELECT buyer, account, ip FROM risk_facts WHERE order_id = :oid"), {"oid": order_id}
+    ).first()
+    if fact is None:
+        return {"buyer": None, "recent": [], "by_status": {}}
+    recent = [
+        {
+            "order_no": r.order_no,
+            "status": r.status,
+            "reason": r.reason,
+            "amount_cents": int(r.amount_cents),
+            "currency": r.currency,
+            "channel": r.channel,
+            "created_at": r.created_at.isoformat()
+            if isinstance(r.created_at, datetime)
+            else str(r.created_at),
+            "ip": r.ip,
+            "account": r.account,
+        }
+        for r in conn.execute(_HISTORY, {"buyer": fact.buyer})
+    ]
+    by_status = {
+        str(r[0]): {"orders": int(r[1]), "amount_cents": int(r[2] or 0)}
+        for r in conn.execute(_HISTORY_SUMMARY, {"buyer": fact.buyer})
+    }
+    account_buyers = 0
+    if fact.account:
+        account_buyers = int(
+            conn.execute(
+                text("SELECT COUNT(DISTINCT buyer) FROM risk_facts WHERE account = :a"),
+                {"a": fact.account},
+            ).scalar_one()
+        )
+    return {
+        "buyer": fact.buyer,
+        "recent": recent,
+        "by_status": by_status,
+        "recharge_account_buyers": account_buyers,
+    }
