@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from datetime import datetime
 from typing import Annotated, Any
@@ -23,6 +24,7 @@ from kameng.api.deps import (
 from kameng.api.responses import JSON
 from kameng.api.schemas import (
     BalanceOut,
+    CorrectFieldsRequest,
     CreateOrderRequest,
     ErrorResponse,
     LookupRequest,
@@ -44,6 +46,7 @@ from kameng.orders import screening
 from kameng.orders import service as orders
 from kameng.orders.numbers import normalize_order_no
 from kameng.orders.state import Status
+from kameng.pipeline import buyer_info
 from kameng.pipeline.wakeup import DOORBELL
 from kameng.pricing import service as pricing
 from kameng.resellers.service import Caller
@@ -146,6 +149,14 @@ async def create_order(request: Request) -> Any:
         ) from None
     key = idem.validate_key(request.headers.get("idempotency-key"))
     req_hash = idem.request_hash(req.method, req.path.split("?")[0], req.body)
+    refusal = await _precheck_refusal(request, container, payload.sku, payload.fields)
+    if refusal is not None:
+        # Authenticated first (and the nonce spent) like any answer: a caller without a valid
+        # signature learns nothing from the supplier's pre-check.
+        def refuse(conn: Connection, caller: Caller) -> None:
+            raise refusal
+
+        await run_signed_async(container, req, refuse)
     client_ip = request.client.host if request.client else ""
 
     def handler(conn: Connection, caller: Caller) -> tuple[dict[str, Any], list[Any], int, bool]:
@@ -354,6 +365,91 @@ def cancel_order(
         return body
 
     return JSON(run_signed(container, req, handler))
+
+
+@router.post("/orders/{order_no}/fields", response_model=OrderOut, tags=["orders"])
+async def correct_fields(
+    order_no: str, request: Request, req: SignedDep, container: ContainerDep, language: LanguageDep
+) -> Any:
+    """Correct the buyer information of an order in `needs_buyer_action` (the supplier refused
+    it): send every field again. The order goes back to the supplier at once. Where the
+    supplier offers a pre-check, the new fields are checked first and a definite refusal
+    answers `invalid_fields` naming the field. To give up instead, cancel the order (refund)."""
+    try:
+        payload = CorrectFieldsRequest.model_validate_json(req.body or b"null")
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors()]
+        ) from None
+    normalized = normalize_order_no(order_no)
+
+    def check(conn: Connection, caller: Caller) -> tuple[Caller, Any, Any, dict[str, str]]:
+        order = order_queries.find_order(conn, order_no=normalized, reseller_id=caller.reseller_id)
+        if order.status != Status.needs_buyer_action.value:
+            raise KamengError(ErrorCode.order_not_fixable, status=order.status)
+        sku = container.sku_by_id(order.sku_id, conn=conn)
+        return caller, order, sku, validate_fields(list(sku.field_template), payload.fields)
+
+    caller, order, sku, fields = await run_signed_async(container, req, check)
+    result = await buyer_info.precheck(
+        run_read=lambda job: _read(container, job),
+        adapters=request.app.state.adapters,
+        sku=sku,
+        fields=fields,
+        now=container.clock(),
+    )
+    buyer_info.refuse_if_wrong(result)
+
+    def correct(conn: Connection) -> dict[str, Any]:
+        fresh = buyer_info.correct_fields(
+            conn,
+            order_id=order.id,
+            sku=sku,
+            fields=fields,
+            actor=caller.actor,
+            fulfil_sla_s=sku.sla_seconds or container.settings.default_sla_s,
+            now=container.clock(),
+        )
+        body, _ = render.full_order(
+            conn, container, fresh, language, channel="api_fields", actor=caller.actor
+        )
+        return body
+
+    body = await container.writer.run_async(correct)
+    DOORBELL.ring()
+    return JSON(body)
+
+
+async def _precheck_refusal(
+    request: Request, container: Container, sku_code: str, raw_fields: dict[str, Any]
+) -> KamengError | None:
+    """A direct top-up's fields put to the supplier's pre-check before any money moves. Any
+    problem of our own (unknown SKU, bad fields) is left to the order transaction to report."""
+    try:
+        sku = container.sku(sku_code)
+        fields = validate_fields(list(sku.field_template), raw_fields)
+    except KamengError:
+        return None
+    result = await buyer_info.precheck(
+        run_read=lambda job: _read(container, job),
+        adapters=request.app.state.adapters,
+        sku=sku,
+        fields=fields,
+        now=container.clock(),
+    )
+    try:
+        buyer_info.refuse_if_wrong(result)
+    except KamengError as exc:
+        return exc
+    return None
+
+
+async def _read(container: Container, job: Any) -> Any:
+    def run() -> Any:
+        with container.db.connect(write=False) as conn:
+            return job(conn)
+
+    return await asyncio.to_thread(run)
 
 
 @router.get("/balance", response_model=BalanceOut, tags=["account"])

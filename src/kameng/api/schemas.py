@@ -40,6 +40,12 @@ class StrictBody(BaseModel):
         return self
 
 
+class CorrectFieldsRequest(StrictBody):
+    fields: dict[str, str | int] = Field(
+        description="The corrected buyer information: every field of the product's template"
+    )
+
+
 class CreateOrderRequest(StrictBody):
     sku: Annotated[str, Field(min_length=1, max_length=64, examples=["GC-100"])]
     quantity: Annotated[int, Field(strict=True, ge=1, le=1000)] = 1

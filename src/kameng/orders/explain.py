@@ -162,6 +162,10 @@ REASON_TEXT.update(
             "The order did not pass the safety check; it is canceled and refunded to balance",
         ),
         "review_approved": ("审核已通过", "Review passed"),
+        "buyer_info_corrected": (
+            "已收到您修改的信息，正在重新提交上游处理",
+            "Your corrected details arrived; the order is going to the supplier again",
+        ),
         "review_rejected": (
             "订单未通过人工审核，款项已退回余额",
             "The order did not pass review; refunded to balance",
@@ -210,6 +214,10 @@ GUEST_REASON_TEXT: dict[str, tuple[str, str]] = {
         "订单关闭后才收到付款，已无法发货，款项将自动原路退回",
         "Payment arrived after the order closed and it can no longer ship; it is refunded "
         "automatically to how you paid",
+    ),
+    "canceled_by_buyer": (
+        "您已取消订单，款项将原路退回",
+        "You canceled the order; it is refunded to how you paid",
     ),
     "risk_rejected": (
         "订单未通过安全检查，已取消，款项将原路退回",

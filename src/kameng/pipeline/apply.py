@@ -41,6 +41,7 @@ class Timing:
     poll_s: int = 30
     retry_cap_s: int = 300
     backorder_retry_s: int = 60
+    buyer_action_s: int = 86_400  # how long a buyer has to correct refused information
 
 
 def backoff(attempt: int, *, first: float, cap: float) -> timedelta:
@@ -66,6 +67,7 @@ def transition(
     next_action_at: datetime | None,
     details: dict[str, Any] | None = None,
     extra_values: dict[str, Any] | None = None,
+    actor: str = "system",
 ) -> None:
     """An order move plus its outgoing notification, committed together."""
     orders.transition(
@@ -74,7 +76,7 @@ def transition(
         to_status=to_status,
         stage=stage,
         reason=reason,
-        actor="system",
+        actor=actor,
         now=now,
         next_action_at=next_action_at,
         details=details,
@@ -343,6 +345,9 @@ def apply_result(
         supplier_fault = reason in suppliers.SUPPLIER_WIDE
         _feed_breaker(conn, supplier_id=proc.supplier_id, ok=not supplier_fault, now=now)
         if reason in BUYER_INFO_REASONS:
+            # The buyer gets their own time to answer (their own SLA, then an automatic refund);
+            # the delivery SLA starts again when they have corrected the information.
+            wait_until = now + timedelta(seconds=timing.buyer_action_s)
             transition(
                 conn,
                 loaded=loaded,
@@ -350,8 +355,9 @@ def apply_result(
                 stage=None,
                 reason="buyer_info_invalid",
                 now=now,
-                next_action_at=order.sla_deadline or now + timedelta(seconds=1800),
-                details={"supplier": supplier_code},
+                next_action_at=wait_until,
+                details={"supplier": supplier_code, "answer_by": wait_until.isoformat()},
+                extra_values={"sla_deadline": wait_until},
             )
             return "needs_buyer_action"
         # Try the next offer right away (the step after this one routes again).

@@ -83,6 +83,7 @@ def _apply(conn: Connection, container: Container, supplier: Any, event: Callbac
             poll_s=s.supplier_poll_s,
             retry_cap_s=s.supplier_retry_cap_s,
             backorder_retry_s=s.backorder_retry_s,
+            buyer_action_s=s.buyer_action_sla_s,
         ),
         via="callback",
     )

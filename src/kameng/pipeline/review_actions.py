@@ -157,6 +157,7 @@ def reject_order(
         next_action_at=None,
         details={"refunded": order.paid_cents},
         extra_values={"refunded_cents": order.paid_cents, "sla_deadline": None},
+        actor=actor,
     )
 
 

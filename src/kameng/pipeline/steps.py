@@ -124,11 +124,15 @@ class ProcView:
 
 
 def _round_start(conn: Connection, order: Any) -> datetime:
-    """Offers refused since the order last came out of the backorder queue are not retried in
-    this round; a new round (after waiting) tries everyone again."""
+    """Offers refused since the order last came out of the backorder queue (or out of waiting
+    for the buyer's corrected information) are not retried in this round; a new round tries
+    everyone again."""
     last = conn.execute(
         select(_event.c.at)
-        .where(_event.c.order_id == order.id, _event.c.from_status == Status.backordered.value)
+        .where(
+            _event.c.order_id == order.id,
+            _event.c.from_status.in_((Status.backordered.value, Status.needs_buyer_action.value)),
+        )
         .order_by(_event.c.id.desc())
         .limit(1)
     ).scalar()

@@ -96,6 +96,7 @@ class Worker:
                 poll_s=s.supplier_poll_s,
                 retry_cap_s=s.supplier_retry_cap_s,
                 backorder_retry_s=s.backorder_retry_s,
+                buyer_action_s=s.buyer_action_sla_s,
             ),
             lease_s=s.worker_lease_s,
             review_policy=self.container.review_policy,

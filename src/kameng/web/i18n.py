@@ -56,6 +56,10 @@ TEXT: dict[str, dict[str, str]] = {
         "cancel_order": "取消订单",
         "orders": "我的订单",
         "documents": "资质文件",
+        "fix_intro": "上游拒绝了您填写的充值信息。请核对并修改后提交，订单会立即重新处理；"
+        "也可以取消订单，款项全额退回。",
+        "fix_submit": "提交修改并继续",
+        "cancel_refund": "取消订单并退款",
         "no_orders": "还没有订单",
         "topup": "充值余额",
         "topup_amount": "充值金额（元）",
@@ -125,6 +129,10 @@ TEXT: dict[str, dict[str, str]] = {
         "cancel_order": "Cancel order",
         "orders": "My orders",
         "documents": "Documents",
+        "fix_intro": "The supplier refused the details you gave. Correct them and submit: the "
+        "order is processed again at once. Or cancel the order for a full refund.",
+        "fix_submit": "Submit and continue",
+        "cancel_refund": "Cancel and refund",
         "no_orders": "No orders yet",
         "topup": "Top up balance",
         "topup_amount": "Amount (CNY)",

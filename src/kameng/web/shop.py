@@ -33,6 +33,8 @@ from kameng.orders.numbers import normalize_order_no
 from kameng.orders.state import TERMINAL, Status
 from kameng.payments import service as payments
 from kameng.payments.models import PaymentPurpose
+from kameng.pipeline import buyer_info
+from kameng.pipeline.wakeup import DOORBELL
 from kameng.web.browser import Browser, browser, client_ip, form_data
 from kameng.web.i18n import TEXT
 from kameng.web.templating import render
@@ -224,6 +226,16 @@ async def buy(request: Request, code: str) -> Response:
                 ErrorCode.quantity_out_of_range, min=sku.min_quantity, max=sku.max_quantity
             )
         fields = validate_fields(list(sku.field_template), values)
+        # Before any money moves: the supplier's own check of the account, where it has one.
+        buyer_info.refuse_if_wrong(
+            await buyer_info.precheck(
+                run_read=functools.partial(_read, container),
+                adapters=request.app.state.adapters,
+                sku=sku,
+                fields=fields,
+                now=container.clock(),
+            )
+        )
     except KamengError as exc:
         problems = exc.extra.get("fields") if isinstance(exc.extra.get("fields"), list) else None
         return await run_in_threadpool(
@@ -334,6 +346,14 @@ async def buy(request: Request, code: str) -> Response:
     return ctx.apply(RedirectResponse(target, status_code=303))
 
 
+async def _read(container: Container, job: Any) -> Any:
+    def run() -> Any:
+        with container.db.connect(write=False) as conn:
+            return job(conn)
+
+    return await run_in_threadpool(run)
+
+
 # -- paying at the gateway -----------------------------------------------------------------------
 
 
@@ -426,10 +446,18 @@ def _order_view(request: Request, order_no: str, *, template: str) -> Response:
         for event in body.get("timeline") or []:
             event["status_text"] = status_text(event["to_status"], ctx.language)
         pay = payments.payment_of_order(conn, order_id=order.id)
+        fix_fields = None
+        if order.status == Status.needs_buyer_action.value:
+            sku = container.sku_by_id(order.sku_id, conn=conn)
+            current = body.get("fields") or {}
+            fix_fields = [
+                {**spec, "value": current.get(spec["name"], "")} for spec in sku.field_template
+            ]
     return render(
         ctx,
         template,
         order=body,
+        fix_fields=fix_fields,
         keys=plain,
         moving=body["status"] in _MOVING,
         payment=pay,
@@ -455,7 +483,8 @@ async def cancel(request: Request, order_no: str) -> Response:
     order_no = normalize_order_no(order_no)[:40]
 
     def job(conn: Connection) -> None:
-        if _owns(conn, ctx, container, order_no) is None:
+        order = _owns(conn, ctx, container, order_no)
+        if order is None:
             raise KamengError(ErrorCode.order_not_found)
         order_cancel.cancel_order(
             conn,
@@ -464,9 +493,13 @@ async def cancel(request: Request, order_no: str) -> Response:
             wallet_id=0,
             accounts=container.accounts,
             actor=f"member:{ctx.member.member_id}" if ctx.member else "guest",
-            reason="canceled_before_payment",
+            reason=(
+                "canceled_by_buyer"
+                if order.status == Status.needs_buyer_action.value
+                else "canceled_before_payment"
+            ),
             now=container.clock(),
-            only_from=frozenset({Status.pending_payment}),
+            only_from=frozenset({Status.pending_payment, Status.needs_buyer_action}),
         )
 
     try:
@@ -475,3 +508,52 @@ async def cancel(request: Request, order_no: str) -> Response:
     except KamengError as exc:
         return _error_page(ctx, exc, back=f"/orders/{order_no}")
     return ctx.apply(RedirectResponse(f"/orders/{order_no}", status_code=303))
+
+
+@router.post("/orders/{order_no}/fields")
+async def correct_fields(request: Request, order_no: str) -> Response:
+    """The buyer corrects information the supplier refused; the order resumes at once."""
+    container = _container(request)
+    ctx = await run_in_threadpool(browser, request, container)
+    form = await form_data(request)
+    order_no = normalize_order_no(order_no)[:40]
+    back = f"/orders/{order_no}"
+    values = {k.removeprefix("f_"): v for k, v in form.items() if k.startswith("f_")}
+
+    def check(conn: Connection) -> tuple[Any, Any]:
+        order = _owns(conn, ctx, container, order_no)
+        if order is None:
+            raise KamengError(ErrorCode.order_not_found)
+        if order.status != Status.needs_buyer_action.value:
+            raise KamengError(ErrorCode.order_not_fixable, status=order.status)
+        return order, container.sku_by_id(order.sku_id, conn=conn)
+
+    actor = f"member:{ctx.member.member_id}" if ctx.member else "guest"
+    try:
+        ctx.check_csrf(form.get("csrf_token"))
+        order, sku = await _read(container, check)
+        fields = validate_fields(list(sku.field_template), values)
+        buyer_info.refuse_if_wrong(
+            await buyer_info.precheck(
+                run_read=functools.partial(_read, container),
+                adapters=request.app.state.adapters,
+                sku=sku,
+                fields=fields,
+                now=container.clock(),
+            )
+        )
+        await container.writer.run_async(
+            lambda conn: buyer_info.correct_fields(
+                conn,
+                order_id=order.id,
+                sku=sku,
+                fields=fields,
+                actor=actor,
+                fulfil_sla_s=sku.sla_seconds or container.settings.default_sla_s,
+                now=container.clock(),
+            )
+        )
+    except KamengError as exc:
+        return _error_page(ctx, exc, back=back)
+    DOORBELL.ring()
+    return ctx.apply(RedirectResponse(back, status_code=303))

@@ -1,0 +1,160 @@
+"""Buyer information before and after payment, through the Reseller API with the real worker
+and the bundled supplier simulator (a real HTTP server):
+
+- a supplier's pre-check refuses a wrong account before any money moves;
+- an account the supplier refuses after payment sends the order to `needs_buyer_action`; the
+  buyer corrects it through `POST /api/v1/orders/{no}/fields` and the order is delivered, or
+  cancels for a refund, or the buyer-action SLA refunds it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from tests.conftest import backend_container
+from tests.support import factories
+from tests.support.pipeline import Rig, pipeline_rig
+
+from kameng.catalog.models import DeliveryKind
+
+FIELDS = [{"name": "account", "type": "text", "label": "充值账号", "label_en": "Account"}]
+PRICE = 5_000
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    with pipeline_rig(backend_container, "sqlite", tmp_path, buyer_action_sla_s=600) as rig:
+        yield rig
+
+
+def topup_sku(rig: Rig, *, precheck_error_rate: float = 0.0) -> tuple[str, str]:
+    their = f"BA-{secrets.token_hex(3).upper()}"
+    rig.sim.configure_sku(
+        their,
+        price_cents=1000,
+        kind="direct_topup",
+        account_field="account",
+        precheck_error_rate=precheck_error_rate,
+    )
+    sku = factories.add_product(
+        rig.container, kind=DeliveryKind.direct_topup, fields=FIELDS, price_cents=PRICE
+    )
+    if "sim" not in rig._suppliers:
+        rig.add_supplier("sim")
+    rig.add_offer(sku, "sim", their)
+    return sku, their
+
+
+def post(rig: Rig, path: str, body: dict[str, Any], **kw: Any) -> Any:
+    return rig.client.request("POST", path, body=body, **kw)
+
+
+def balance(rig: Rig) -> int:
+    return factories.wallet_balance(rig.container, rig.creds.reseller_id)[0]
+
+
+def test_a_precheck_refusal_moves_no_money(rig: Rig) -> None:
+    sku, _ = topup_sku(rig)
+    before = balance(rig)
+    resp = post(
+        rig,
+        "/api/v1/orders",
+        {"sku": sku, "fields": {"account": "13800000000"}},
+        idempotency_key=secrets.token_hex(8),
+    )
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "invalid_fields"
+    assert error["fields"][0]["field"] == "account"
+    assert error["fields"][0]["code"] == "account_not_found"
+    assert balance(rig) == before
+    with rig.container.db.connect(write=False) as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM orders")).scalar_one() == 0
+
+
+def stuck_order(rig: Rig) -> tuple[str, str]:
+    """An order paid with an account the supplier refuses at purchase (its pre-check is down,
+    so the refusal only comes after payment)."""
+    sku, their = topup_sku(rig, precheck_error_rate=1.0)
+    placed = rig.order(sku, fields={"account": "13700000000"})
+    rig.wait_status(placed["order_no"], {"needs_buyer_action"})
+    return placed["order_no"], their
+
+
+def test_corrected_fields_resume_the_order(rig: Rig) -> None:
+    order_no, their = stuck_order(rig)
+    before = balance(rig)
+    view = rig.get(order_no)
+    assert view["reason"] == "buyer_info_invalid"
+    assert view["next_action_at"]  # the buyer's own deadline, then an automatic refund
+    path = f"/api/v1/orders/{order_no}/fields"
+
+    same = post(rig, path, {"fields": {"account": "13700000000"}})
+    assert same.status_code == 422 and same.json()["error"]["fields"][0]["code"] == "unchanged"
+
+    bad = post(rig, path, {"fields": {"account": ""}})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_fields"
+
+    # The supplier's pre-check is back: a second wrong account is refused before resuming.
+    rig.sim.configure_sku(their, precheck_error_rate=0.0)
+    wrong = post(rig, path, {"fields": {"account": "13600000000"}})
+    assert wrong.status_code == 422, wrong.text
+    assert wrong.json()["error"]["fields"][0]["field"] == "account"
+    assert rig.status(order_no) == "needs_buyer_action"
+
+    good = post(rig, path, {"fields": {"account": "13912345678"}})
+    assert good.status_code == 200, good.text
+    assert good.json()["fields"] == {"account": "13912345678"}
+    assert rig.wait_status(order_no, {"delivered"}) == "delivered"
+    assert balance(rig) == before  # the held money was taken, nothing more
+    reasons = [e["reason"] for e in rig.get(order_no)["timeline"]]
+    assert "buyer_info_invalid" in reasons and "buyer_info_corrected" in reasons
+    # Asked again under a new out-trade-no: the first purchase was refused, never repeated.
+    purchases = [p for no, p in rig.purchases().items() if no.startswith(order_no)]
+    assert len(purchases) == 2
+    factories.assert_books_clean(rig.container)
+
+
+def test_a_delivered_order_cannot_be_corrected(rig: Rig) -> None:
+    sku, _ = topup_sku(rig)
+    placed = rig.order(sku, fields={"account": "13911112222"})
+    rig.wait_status(placed["order_no"], {"delivered"})
+    resp = post(rig, f"/api/v1/orders/{placed['order_no']}/fields", {"fields": {"account": "1"}})
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "order_not_fixable"
+
+
+def test_another_resellers_order_is_not_found(rig: Rig) -> None:
+    order_no, _ = stuck_order(rig)
+    other = factories.add_reseller(rig.container, balance_cents=0)
+    client = factories.client_for(rig.url, other)
+    resp = client.request(
+        "POST", f"/api/v1/orders/{order_no}/fields", body={"fields": {"account": "13912345678"}}
+    )
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "order_not_found"
+    assert rig.status(order_no) == "needs_buyer_action"
+
+
+def test_cancel_refunds_a_waiting_order(rig: Rig) -> None:
+    before = balance(rig)
+    order_no, _ = stuck_order(rig)
+    assert balance(rig) == before - PRICE
+    resp = post(rig, f"/api/v1/orders/{order_no}/cancel", {})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["status"] == "canceled"
+    assert balance(rig) == before
+    factories.assert_books_clean(rig.container)
+
+
+def test_the_buyer_action_sla_refunds(tmp_path: Path) -> None:
+    with pipeline_rig(backend_container, "sqlite", tmp_path, buyer_action_sla_s=1) as rig:
+        before = balance(rig)
+        order_no, _ = stuck_order(rig)
+        assert rig.wait_status(order_no, {"refunded"}) == "refunded"
+        assert rig.get(order_no)["reason"] == "buyer_action_sla_expired"
+        assert balance(rig) == before
+        factories.assert_books_clean(rig.container)
