@@ -47,6 +47,32 @@ def validate_template(template: Any) -> list[dict[str, Any]]:
                 detail=f"{name}: type must be one of {sorted(FIELD_TYPES)}",
             )
         options = spec.get("options")
+        options_by = spec.get("options_by")
+        if options_by is not None:
+            # Dependent lists: a game's servers depend on the region chosen before them.
+            parent = options_by.get("field") if isinstance(options_by, dict) else None
+            choices = options_by.get("options") if isinstance(options_by, dict) else None
+            parent_spec = next((o for o in out if o["name"] == parent), None)
+            if (
+                ftype != "select"
+                or parent_spec is None
+                or parent_spec["type"] != "select"
+                or not isinstance(choices, dict)
+                or not choices
+                or not all(
+                    k in parent_spec["options"]
+                    and isinstance(v, list)
+                    and v
+                    and all(isinstance(o, str) for o in v)
+                    for k, v in choices.items()
+                )
+            ):
+                raise KamengError(
+                    ErrorCode.invalid_field_template,
+                    detail=f"{name}: options_by is {{field: <an earlier select>, options: "
+                    "{<its option>: [choices]}}",
+                )
+            options = sorted({o for v in choices.values() for o in v})
         if ftype == "select" and (
             not isinstance(options, list)
             or not options
@@ -60,6 +86,23 @@ def validate_template(template: Any) -> list[dict[str, Any]]:
             raise KamengError(
                 ErrorCode.invalid_field_template,
                 detail=f"{name}: operator is for phone_cn fields: one of {sorted(phone_cn.NAMES)}",
+            )
+        values = spec.get("values")
+        if values is not None and (
+            ftype != "number"
+            or not isinstance(values, list)
+            or not values
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        ):
+            raise KamengError(
+                ErrorCode.invalid_field_template,
+                detail=f"{name}: values (the denominations on offer) is a list of numbers "
+                "for a number field",
+            )
+        role = spec.get("role")
+        if role is not None and role != "account":
+            raise KamengError(
+                ErrorCode.invalid_field_template, detail=f"{name}: role can only be 'account'"
             )
         pattern = spec.get("pattern")
         if pattern is not None:
@@ -95,6 +138,9 @@ def validate_template(template: Any) -> list[dict[str, Any]]:
                 **({"options": list(options)} if ftype == "select" and options else {}),
                 **({"pattern": pattern} if pattern else {}),
                 **({"operator": operator} if operator else {}),
+                **({"options_by": options_by} if options_by else {}),
+                **({"values": list(values)} if values else {}),
+                **({"role": role} if role else {}),
                 **lengths,
             }
         )
@@ -139,6 +185,14 @@ def _check_one(spec: dict[str, Any], raw: Any) -> tuple[str | None, dict[str, st
             return None, problem
     if ftype == "number" and not re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", value):
         return None, field_error(name, "format", f"{label}须为数字", f"{label_en} must be a number")
+    if "values" in spec and float(value) not in {float(v) for v in spec["values"]}:
+        shown = "、".join(_num(v) for v in spec["values"])
+        return None, field_error(
+            name,
+            "denomination_unavailable",
+            f"{label}只能是以下面值之一：{shown}",
+            f"{label_en} must be one of the denominations on offer: {shown.replace('、', ', ')}",
+        )
     if ftype == "select" and value not in spec["options"]:
         return None, field_error(
             name,
@@ -191,6 +245,34 @@ def _operator_problem(spec: dict[str, Any], number: str) -> dict[str, str] | Non
     )
 
 
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _dependent_problems(template: list[dict[str, Any]], clean: dict[str, str]) -> list[Any]:
+    """A server that does not belong to the chosen region (the classic confusion)."""
+    problems = []
+    labels = {spec["name"]: (spec["label"], spec["label_en"]) for spec in template}
+    for spec in template:
+        by = spec.get("options_by")
+        if not by or spec["name"] not in clean or by["field"] not in clean:
+            continue
+        parent_value = clean[by["field"]]
+        allowed = by["options"].get(parent_value, [])
+        if clean[spec["name"]] not in allowed:
+            p_zh, p_en = labels[by["field"]]
+            problems.append(
+                field_error(
+                    spec["name"],
+                    "not_for_parent",
+                    f"{spec['label']}不属于所选{p_zh}（{parent_value}），可选：{'、'.join(allowed)}",
+                    f"{spec['label_en']} is not in the chosen {p_en} ({parent_value}); "
+                    f"choose one of: {', '.join(allowed)}",
+                )
+            )
+    return problems
+
+
 def validate_fields(template: list[dict[str, Any]], given: Any) -> dict[str, str]:
     """Validate buyer input against a template; raises invalid_fields listing every problem."""
     if given is None:
@@ -225,6 +307,7 @@ def validate_fields(template: list[dict[str, Any]], given: Any) -> dict[str, str
             errors.append(problem)
         elif value is not None:
             clean[spec["name"]] = value
+    errors.extend(_dependent_problems(template, clean))
     if errors:
         raise KamengError(ErrorCode.invalid_fields, extra={"fields": errors})
     return clean

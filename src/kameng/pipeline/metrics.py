@@ -47,6 +47,7 @@ def snapshot(container: Any) -> dict[str, Any]:
     """The figures `/healthz` and `/metrics` share."""
     from kameng.payments import service as payments
     from kameng.pipeline import outbox
+    from kameng.review import service as review
     from kameng.suppliers import service as suppliers
 
     now = container.clock()
@@ -84,8 +85,14 @@ def snapshot(container: Any) -> dict[str, Any]:
         health = suppliers.health(conn, now=now)
         pending = outbox.pending_count(conn)
         pay = payments.health_counts(conn, now=now)
+        queue = review.queue_figures(conn, now=now)
     return {
         **pay,
+        "review_depth": queue["depth"],
+        "review_oldest_s": queue["oldest_age_s"],
+        "review_decisions_last_hour": queue["decisions_last_hour"],
+        "review_sla_breaches": queue["sla_breaches_total"],
+        "review_open_past_sla": queue["open_past_sla"],
         "workers_alive": workers,
         "due_orders": due,
         "overdue_orders": overdue,
@@ -147,6 +154,27 @@ class PipelineCollector(Collector):
                 "kameng_payment_checks_overdue",
                 "Payments due for a gateway query for more than 60 s",
                 "payment_checks_overdue",
+            ),
+            ("kameng_review_queue_depth", "Orders waiting in manual review", "review_depth"),
+            (
+                "kameng_review_oldest_seconds",
+                "Age of the oldest order waiting in manual review",
+                "review_oldest_s",
+            ),
+            (
+                "kameng_review_decisions_last_hour",
+                "Review approvals and rejections in the last hour (people and the SLA)",
+                "review_decisions_last_hour",
+            ),
+            (
+                "kameng_review_sla_breaches",
+                "Review items whose SLA ran out before a reviewer decided (all time)",
+                "review_sla_breaches",
+            ),
+            (
+                "kameng_review_open_past_sla",
+                "Reviews open past their SLA (should always be 0: the worker acts at the SLA)",
+                "review_open_past_sla",
             ),
         ):
             yield GaugeMetricFamily(name, help_text, value=float(snap[key]))
