@@ -78,16 +78,37 @@ PRODUCTS: list[dict[str, Any]] = [
                 "pattern": "[A-Za-z0-9_@.]{4,32}",
             },
             {
+                "name": "region",
+                "type": "select",
+                "label": "大区",
+                "label_en": "Region",
+                "options": ["华东", "华南"],
+            },
+            {
                 "name": "server",
                 "type": "select",
-                "label": "区服",
+                "label": "服务器",
                 "label_en": "Server",
-                "options": ["华东一区", "华南一区", "华北一区"],
+                "options_by": {
+                    "field": "region",
+                    "options": {"华东": ["华东一区", "华东二区"], "华南": ["华南一区"]},
+                },
             },
         ],
         "skus": [("GAME-60", "60 钻石", "60钻", 600, 560)],
     },
+    {
+        "slug": "bulk-gift-cards",
+        "name": "企业礼品卡（批发，需资质）",
+        "category": "企业采购",
+        "kind": DeliveryKind.card_key,
+        "fields": [],
+        "qualification": "business_license",
+        "risk_level": 2,
+        "skus": [("GIFT-1000", "礼品卡 1000 元", "1000元", 98000, 96000)],
+    },
 ]
+DEMO_STAFF = "demo-admin"
 
 
 DEMO_SUPPLIER = "demo-sim"
@@ -239,6 +260,17 @@ def seed_member(container: Container) -> None:
             )
 
 
+def seed_staff(container: Container) -> str:
+    """An admin token for the staff API (review queue, risk rules); a new one on each seed."""
+    from kameng.staff import service as staff
+
+    with container.db.connect() as conn:
+        now = container.clock()
+        if any(r["name"] == DEMO_STAFF for r in staff.list_staff(conn)):
+            return staff.rotate(conn, name=DEMO_STAFF, actor="system:demo", now=now)
+        return staff.create(conn, name=DEMO_STAFF, role="admin", actor="system:demo", now=now)
+
+
 def seed(container: Container, *, keys_per_sku: int = 200) -> IssuedCredential:
     container.bootstrap()
     with container.db.unit_of_work() as session:
@@ -253,6 +285,10 @@ def seed(container: Container, *, keys_per_sku: int = 200) -> IssuedCredential:
                 delivery_kind=spec["kind"],
                 field_template=spec["fields"],
             )
+            if spec.get("qualification"):
+                product.requires_qualification = True
+                product.qualification_kind = spec["qualification"]
+            product.risk_level = int(spec.get("risk_level", 0))
             for code, name, denom, price, cost in spec["skus"]:
                 catalog.add_sku(
                     session,

@@ -209,15 +209,22 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Seed a demo catalog with stock and a demo reseller, and print its credentials."""
-    from kameng.demo import seed
+    from kameng.demo import DEMO_STAFF, seed, seed_staff
 
     container = _container()
     issued = seed(container, keys_per_sku=keys_per_sku)
+    staff_token = seed_staff(container)
     path = container.settings.data_dir / "demo-credentials.json"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump(
-            {"reseller": issued.name, "api_key": issued.api_key, "api_secret": issued.api_secret},
+            {
+                "reseller": issued.name,
+                "api_key": issued.api_key,
+                "api_secret": issued.api_secret,
+                "staff": DEMO_STAFF,
+                "staff_token": staff_token,
+            },
             fh,
         )
     _print_credentials(issued, as_json)
@@ -228,4 +235,8 @@ def demo(
         console.print(
             f"demo buyer account: {DEMO_MEMBER[0]} / {DEMO_MEMBER[1]} (¥100 balance); "
             "guests can buy without an account"
+        )
+        console.print(
+            f"staff API (review queue, risk rules): Authorization: Bearer {staff_token} "
+            f"({DEMO_STAFF}, admin) — see docs/risk.md"
         )
