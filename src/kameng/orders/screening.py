@@ -199,17 +199,9 @@ def divert(
             {"rules": screened.version},
         )
     )
-    hold_id = ledger.place_hold(
-        conn,
-        wallet_id=wallet_id,
-        holds_account=accounts.holds_for(order_id),
-        amount=amount,
-        ref_type="order",
-        ref_id=order_id,
-        now=now,
-        actor=actor,
-    )
     if screened.action is Action.block:
+        # The money never leaves the buyer's balance (a gateway payment stays credited to it):
+        # the order records it as paid and refunded, with no ledger movement of its own.
         events.append(
             event_row(
                 conn,
@@ -224,14 +216,17 @@ def divert(
             )
         )
         INSERT_EVENTS.run(conn, events)
-        ledger.void_hold(
-            conn,
-            hold_id=hold_id,
-            accounts=accounts,
-            now=now,
-            memo=f"order {order_id} rejected by screening",
-        )
-        return Started(Status.rejected, Stage.closed, "risk_rejected", None, None, None, hold_id)
+        return Started(Status.rejected, Stage.closed, "risk_rejected", None, None, None, None)
+    hold_id = ledger.place_hold(
+        conn,
+        wallet_id=wallet_id,
+        holds_account=accounts.holds_for(order_id),
+        amount=amount,
+        ref_type="order",
+        ref_id=order_id,
+        now=now,
+        actor=actor,
+    )
     deadline = screened.review_deadline
     assert deadline is not None
     if sku.delivery_kind == DeliveryKind.card_key.value and not _QUEUED.one(
