@@ -56,6 +56,7 @@ TEXT: dict[str, dict[str, str]] = {
         "cancel_order": "取消订单",
         "orders": "我的订单",
         "documents": "资质文件",
+        "needs_qualification": "购买本商品需要账户中有一份已审核通过的资质文件：",
         "fix_intro": "上游拒绝了您填写的充值信息。请核对并修改后提交，订单会立即重新处理；"
         "也可以取消订单，款项全额退回。",
         "fix_submit": "提交修改并继续",
@@ -129,6 +130,7 @@ TEXT: dict[str, dict[str, str]] = {
         "cancel_order": "Cancel order",
         "orders": "My orders",
         "documents": "Documents",
+        "needs_qualification": "Buying this needs an approved document on your account:",
         "fix_intro": "The supplier refused the details you gave. Correct them and submit: the "
         "order is processed again at once. Or cancel the order for a full refund.",
         "fix_submit": "Submit and continue",
