@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     review_escalation_url: str = Field(
         default="", description="POSTed (JSON) when a review breaches its SLA; empty: log only"
     )
+    review_escalation_secret: str = Field(
+        default="", description="Signs the escalation POSTs (X-Kameng-Signature), if set"
+    )
     buyer_action_sla_s: int = Field(
         default=86_400, description="How long a buyer has to correct rejected information"
     )

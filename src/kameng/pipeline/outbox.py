@@ -89,7 +89,17 @@ def _claim(conn: Connection, *, now: datetime, limit: int) -> list[Any]:
     return rows
 
 
-def _secrets_for(conn: Connection, container: Container, order_id: int | None) -> list[str]:
+# Events for the operator's own hooks (not a reseller's): signed with the operator's secret
+# when one is configured, sent unsigned otherwise.
+OPERATOR_TOPICS = ("review.",)
+
+
+def _secrets_for(
+    conn: Connection, container: Container, order_id: int | None, topic: str = ""
+) -> list[str]:
+    if topic.startswith(OPERATOR_TOPICS):
+        secret = container.settings.review_escalation_secret
+        return [secret] if secret else []
     if order_id is None:
         return []
     reseller_id = conn.execute(select(_order.c.reseller_id).where(_order.c.id == order_id)).scalar()
@@ -104,7 +114,7 @@ async def send_due(container: Container, client: httpx.AsyncClient, *, limit: in
 
     def claim(conn: Connection) -> list[tuple[Any, list[str]]]:
         return [
-            (r, _secrets_for(conn, container, r.order_id))
+            (r, _secrets_for(conn, container, r.order_id, r.topic))
             for r in _claim(conn, now=now, limit=limit)
         ]
 
@@ -128,7 +138,7 @@ async def send_due(container: Container, client: httpx.AsyncClient, *, limit: in
                 error = f"http {response.status_code}"
         except httpx.HTTPError as exc:
             error = type(exc).__name__
-        if not secrets:
+        if not secrets and not row.topic.startswith(OPERATOR_TOPICS):
             error = error or "no active credential to sign with"
         attempts = row.attempts + 1
 
