@@ -284,7 +284,12 @@ async def backtest(body: BacktestIn, staff: StaffDep, container: ContainerDep) -
     result = await _read(
         container,
         lambda c: risk_backtest.backtest(
-            c, version=body.version, since=body.since, until=body.until, limit=body.limit
+            c,
+            version=body.version,
+            since=body.since,
+            until=body.until,
+            limit=body.limit,
+            now=container.clock(),
         ),
     )
     return result.as_json()

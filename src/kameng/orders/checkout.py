@@ -107,7 +107,7 @@ def place_pending(
     if context is not None:
         subject = screening.subject_for(
             order_id=order_id,
-            owner=buyer.owner,
+            owner=buyer.risk_key,
             buyer_kind=buyer.kind,
             channel=cmd.channel,
             sku=cmd.sku,

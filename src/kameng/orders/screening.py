@@ -65,9 +65,11 @@ def public_ip(ip: str) -> str:
     machine is in front of us and every buyer would share it: counting it would flag everyone,
     so it counts as unknown (configure the proxy to pass the client's address)."""
     try:
-        return "" if ipaddress.ip_address(ip).is_loopback else ip
+        addr = ipaddress.ip_address(ip)
     except ValueError:
         return ""
+    # Canonical spelling, as the lists store it (IPv6 can be written many ways).
+    return "" if addr.is_loopback else str(addr)
 
 
 def subject_for(

@@ -108,6 +108,13 @@ class Buyer:
         return "member" if self.member_id is not None else "guest"
 
     @property
+    def risk_key(self) -> str:
+        """Who this buyer is to screening and its lists: r<reseller>, m<member>, g<browser>."""
+        if self.reseller_id is not None:
+            return f"r{self.reseller_id}"
+        return self.owner
+
+    @property
     def owner(self) -> str:
         if self.reseller_id is not None:
             return str(self.reseller_id)  # the format reseller orders always had
@@ -437,7 +444,7 @@ def place_order(
     if engine is not None:
         subject = screening.subject_for(
             order_id=order_id,
-            owner=buyer.owner,
+            owner=buyer.risk_key,
             buyer_kind=buyer.kind,
             channel=cmd.channel,
             sku=sku,
@@ -446,6 +453,7 @@ def place_order(
             fields=cmd.fields,
             context=context or screening.Context(),
         )
+        risk.serialise_counters(conn, engine=engine, subject=subject, now=now)
         risk.record_facts(conn, subject=subject, now=now)
         screened = screening.screen(
             conn, engine=engine, subject=subject, review_sla_s=policy.review_sla_s, now=now

@@ -15,15 +15,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 
-from kameng.catalog.models import DeliveryKind
+from kameng.catalog.models import DeliveryKind, Product, Sku
 from kameng.db import notify_due, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
 from kameng.orders import fulfil
+from kameng.orders.models import Order
 from kameng.orders.state import Stage, Status
 from kameng.pipeline import apply
 from kameng.pipeline.models import OutboxMessage
@@ -33,6 +34,9 @@ from kameng.review.service import ReviewPolicy
 
 log = logging.getLogger("kameng.review")
 _outbox = table(OutboxMessage)
+_order = table(Order)
+_product = table(Product)
+_sku = table(Sku)
 
 SLA_BREACHES = Counter(
     "kameng_review_sla_breaches_total",
@@ -41,6 +45,17 @@ SLA_BREACHES = Counter(
 )
 DECISIONS = Counter("kameng_review_decisions_total", "Review decisions, by outcome", ["outcome"])
 SLA_ACTOR = "system:review_sla"
+
+
+def _queued(conn: Connection, *, sku_id: int) -> bool:
+    return (
+        conn.execute(
+            select(_order.c.id)
+            .where(_order.c.status == Status.backordered.value, _order.c.sku_id == sku_id)
+            .limit(1)
+        ).first()
+        is not None
+    )
 
 
 def _loaded(conn: Connection, order_id: int) -> fulfil.Loaded:
@@ -64,7 +79,9 @@ def resume(
     deadline = now + timedelta(seconds=fulfil_sla_s)
     if loaded.delivery_kind == DeliveryKind.card_key.value:
         held = inventory.held_count(conn, line_id=line.id)
-        if held < line.quantity:
+        if held < line.quantity and not _queued(conn, sku_id=order.sku_id):
+            # No keys were set aside (stock was short at screening): take some now, unless
+            # older orders are queued for this SKU — an approval does not jump the queue.
             inventory.held_to_stock(conn, line_id=line.id)
             inventory.claim(
                 conn,
@@ -161,6 +178,31 @@ def reject_order(
     )
 
 
+def _decidable(
+    conn: Connection, *, item_id: int, reviewer: str, now: datetime
+) -> tuple[review.Item, fulfil.Loaded]:
+    """Lock in the pipeline's order — the order row first, then the item — so a decision at
+    the SLA deadline waits for the pipeline's step (or the step for it) instead of deadlocking;
+    then check the decider's claim on the fresh item."""
+    first = review.get_item(conn, item_id=item_id)
+    loaded = _loaded(conn, first.order_id)
+    item = review.get_item(conn, item_id=item_id, lock=True)
+    review.check_decider(item, reviewer=reviewer, now=now)
+    if loaded.order.status != Status.review.value:
+        raise KamengError(ErrorCode.review_already_decided, status=loaded.order.status)
+    return item, loaded
+
+
+def _fulfil_sla_s(conn: Connection, *, sku_id: int, default_s: int) -> int:
+    """The product's own delivery SLA (what the pipeline uses), else the default."""
+    value = conn.execute(
+        select(_product.c.sla_seconds)
+        .join(_sku, _sku.c.product_id == _product.c.id)
+        .where(_sku.c.id == sku_id)
+    ).scalar()
+    return int(value) if value else default_s
+
+
 def approve(
     conn: Connection,
     *,
@@ -172,8 +214,7 @@ def approve(
     fulfil_sla_s: int,
     now: datetime,
 ) -> dict[str, Any]:
-    item = review.get_item(conn, item_id=item_id, lock=True)
-    review.check_decider(item, reviewer=reviewer, now=now)
+    item, loaded = _decidable(conn, item_id=item_id, reviewer=reviewer, now=now)
     if item.amount_cents >= policy.two_reviewers_from_cents:
         if not item.first_approver:
             review.record_first_approval(conn, item=item, reviewer=reviewer, note=note, now=now)
@@ -181,18 +222,12 @@ def approve(
             return {"item": item.id, "status": ItemStatus.second.value, "order": None}
         if item.first_approver == reviewer:
             raise KamengError(ErrorCode.review_second_reviewer_required, first=reviewer)
-    loaded = _loaded(conn, item.order_id)
-    if loaded.order.status != Status.review.value:
-        review.close(
-            conn, item=item, status=ItemStatus.canceled, actor=reviewer, note=note, now=now
-        )
-        raise KamengError(ErrorCode.review_already_decided, status=loaded.order.status)
     review.close(conn, item=item, status=ItemStatus.approved, actor=reviewer, note=note, now=now)
     outcome = resume(
         conn,
         loaded=loaded,
         accounts=accounts,
-        fulfil_sla_s=fulfil_sla_s,
+        fulfil_sla_s=_fulfil_sla_s(conn, sku_id=loaded.order.sku_id, default_s=fulfil_sla_s),
         now=now,
     )
     DECISIONS.labels("approved").inc()
@@ -210,14 +245,7 @@ def reject(
 ) -> dict[str, Any]:
     if not note.strip():
         raise KamengError(ErrorCode.invalid_request, detail="a rejection needs a note")
-    item = review.get_item(conn, item_id=item_id, lock=True)
-    review.check_decider(item, reviewer=reviewer, now=now)
-    loaded = _loaded(conn, item.order_id)
-    if loaded.order.status != Status.review.value:
-        review.close(
-            conn, item=item, status=ItemStatus.canceled, actor=reviewer, note=note, now=now
-        )
-        raise KamengError(ErrorCode.review_already_decided, status=loaded.order.status)
+    item, loaded = _decidable(conn, item_id=item_id, reviewer=reviewer, now=now)
     review.close(conn, item=item, status=ItemStatus.rejected, actor=reviewer, note=note, now=now)
     reject_order(
         conn, loaded=loaded, accounts=accounts, reason="review_rejected", actor=reviewer, now=now

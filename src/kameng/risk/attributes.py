@@ -66,7 +66,7 @@ class Counter:
 
 
 def parse_counter(name: str) -> Counter | None:
-    m = _COUNTER.match(name)
+    m = _COUNTER.fullmatch(name)
     if m is None:
         return None
     window_s = int(m.group(3)) * _UNIT_S[m.group(4)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
@@ -87,6 +87,13 @@ class BacktestResult:
         }
 
 
+def _aware(value: datetime | None) -> datetime | None:
+    """Times without a zone (SQLite text, a date typed by hand) are UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
 def _subject(r: Any) -> Subject:
     if r.reseller_id is not None:
         kind, since = "reseller", r.reseller_since
@@ -96,6 +103,7 @@ def _subject(r: Any) -> Subject:
         kind, since = "guest", None
     if isinstance(since, str):
         since = datetime.fromisoformat(since)
+    since = _aware(since)
     return Subject(
         order_id=int(r.order_id),
         buyer=r.buyer,
@@ -121,6 +129,7 @@ def backtest(
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int = 5000,
+    now: datetime | None = None,
 ) -> BacktestResult:
     rules = risk.check_rule_set(risk.get_rule_set(conn, version=version).rules)
     needed: frozenset[str] = frozenset().union(*(attributes_used(r.when) for r in rules))
@@ -129,8 +138,8 @@ def backtest(
     rows = conn.execute(
         text(_ORDERS),
         {
-            "since": db_time(conn, since or datetime(2000, 1, 1, tzinfo=utcnow().tzinfo)),
-            "until": db_time(conn, until or utcnow()),
+            "since": db_time(conn, _aware(since) or datetime(2000, 1, 1, tzinfo=UTC)),
+            "until": db_time(conn, _aware(until) or now or utcnow()),
             "limit": limit,
         },
     ).all()
@@ -138,8 +147,8 @@ def backtest(
         at = r.created_at
         if isinstance(at, str):
             at = datetime.fromisoformat(at)
-        if at.tzinfo is None:
-            at = at.replace(tzinfo=utcnow().tzinfo)
+        at = _aware(at)
+        assert at is not None
         subject = _subject(r)
         attrs = attributes.gather(conn, subject=subject, lists=lists, needed=needed, now=at)
         verdict = evaluate(rules, attrs)

@@ -86,6 +86,42 @@ DEFAULT_RULES: list[dict[str, Any]] = [
         },
     },
     {
+        "code": "velocity_guest",
+        "priority": 23,
+        "action": "review",
+        "score": 150,
+        "category": "velocity",
+        "when": {
+            "all": [
+                WEB,
+                _cmp("buyer_kind", "==", "guest"),
+                {"any": [_cmp("device_orders_1h", ">=", 4), _cmp("ip_orders_1h", ">=", 4)]},
+            ]
+        },
+        "explain": {
+            "zh-CN": "未登录买家一小时内在同一浏览器或 IP 下单 4 笔及以上",
+            "en": "Four or more guest orders from one browser or IP within an hour",
+        },
+    },
+    {
+        "code": "guest_quick_repeat",
+        "priority": 24,
+        "action": "review",
+        "score": 150,
+        "category": "velocity",
+        "when": {
+            "all": [
+                WEB,
+                _cmp("buyer_kind", "==", "guest"),
+                {"any": [_cmp("device_orders_10m", ">=", 3), _cmp("ip_orders_10m", ">=", 3)]},
+            ]
+        },
+        "explain": {
+            "zh-CN": "未登录买家十分钟内在同一浏览器或 IP 下单 3 笔及以上",
+            "en": "Three or more guest orders from one browser or IP within ten minutes",
+        },
+    },
+    {
         "code": "account_many_buyers",
         "priority": 30,
         "action": "review",
@@ -95,6 +131,24 @@ DEFAULT_RULES: list[dict[str, Any]] = [
         "explain": {
             "zh-CN": "同一充值账号 24 小时内被 3 个及以上买家充值",
             "en": "One recharge account topped up by three or more buyers within 24 hours",
+        },
+    },
+    {
+        "code": "account_second_guest",
+        "priority": 32,
+        "action": "review",
+        "score": 150,
+        "category": "recharge_account",
+        "when": {
+            "all": [
+                WEB,
+                _cmp("buyer_kind", "==", "guest"),
+                _cmp("account_buyers_24h", ">=", 2),
+            ]
+        },
+        "explain": {
+            "zh-CN": "未登录买家为 24 小时内已被他人充值的账号充值",
+            "en": "A guest topping up an account another buyer topped up within 24 hours",
         },
     },
     {
@@ -133,10 +187,10 @@ DEFAULT_RULES: list[dict[str, Any]] = [
         "action": "review",
         "score": 150,
         "category": "amount",
-        "when": {"all": [_cmp("buyer_kind", "==", "guest"), _cmp("amount_cents", ">=", 50000)]},
+        "when": {"all": [_cmp("buyer_kind", "==", "guest"), _cmp("amount_cents", ">=", 100000)]},
         "explain": {
-            "zh-CN": "未登录买家下单 500 元及以上",
-            "en": "A guest ordering 500 or more",
+            "zh-CN": "未登录买家下单 1000 元及以上",
+            "en": "A guest ordering 1,000 or more",
         },
     },
     {
@@ -153,8 +207,8 @@ DEFAULT_RULES: list[dict[str, Any]] = [
     },
     {
         "code": "proxy_new_ip",
-        "priority": 51,
-        "action": "review",
+        "priority": 902,  # score only: a returning buyer's VPN changing exit is common
+        "action": "allow",
         "score": 100,
         "category": "network",
         "when": {"all": [WEB, _cmp("ip_proxy", "==", True), _cmp("ip_new_for_buyer", "==", True)]},
@@ -171,7 +225,7 @@ DEFAULT_RULES: list[dict[str, Any]] = [
         "category": "velocity",
         "when": {
             "any": [
-                _cmp("buyer_failed_24h", ">=", 3),
+                {"all": [NOT_RESELLER, _cmp("buyer_failed_24h", ">=", 3)]},
                 {"all": [WEB, _cmp("ip_failed_1h", ">=", 4)]},
             ]
         },
@@ -228,7 +282,7 @@ DEFAULT_RULES: list[dict[str, Any]] = [
         "action": "allow",
         "score": 10,
         "category": "network",
-        "when": _cmp("ip_new_for_buyer", "==", True),
+        "when": {"all": [WEB, _cmp("ip_new_for_buyer", "==", True)]},
         "explain": {"zh-CN": "买家的新 IP", "en": "A new IP for this buyer"},
     },
 ]

@@ -181,6 +181,25 @@ def attributes_used(cond: Mapping[str, Any]) -> set[str]:
     return {str(cond["attr"])}
 
 
+def could_match(
+    cond: Mapping[str, Any], attrs: Mapping[str, Any], pending: frozenset[str]
+) -> bool | None:
+    """Three-valued: whether a condition can still match when the attributes in `pending` are
+    not computed yet (True / False when already decided, None when it depends on them). Lets
+    screening skip counting for rules the order's own facts already rule out."""
+    if "all" in cond or "any" in cond:
+        parts = [could_match(c, attrs, pending) for c in cond["all" if "all" in cond else "any"]]
+        if "all" in cond:
+            return False if False in parts else (True if all(parts) else None)
+        return True if True in parts else (False if all(p is False for p in parts) else None)
+    if "not" in cond:
+        inner = could_match(cond["not"], attrs, pending)
+        return None if inner is None else not inner
+    if cond["attr"] in pending:
+        return None
+    return matches(cond, attrs)
+
+
 def matches(cond: Mapping[str, Any], attrs: Mapping[str, Any]) -> bool:
     """Whether `attrs` satisfy a (checked) condition. A missing attribute, or one of a type
     the comparison cannot take, never matches (so an absent fact cannot block an order)."""

@@ -8,6 +8,7 @@ the transaction that takes the payment, so an order is never paid and unscreened
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import threading
@@ -28,7 +29,15 @@ from kameng.risk import attributes
 from kameng.risk.attributes import Lists, Subject
 from kameng.risk.defaults import DEFAULT_RULES
 from kameng.risk.models import ListKind, RiskListEntry, RiskRuleSet, RiskScreening, RuleSetStatus
-from kameng.risk.rules import Action, Rule, Verdict, attributes_used, evaluate, parse_rules
+from kameng.risk.rules import (
+    Action,
+    Rule,
+    Verdict,
+    attributes_used,
+    could_match,
+    evaluate,
+    parse_rules,
+)
 
 _sets = table(RiskRuleSet)
 _lists = table(RiskListEntry)
@@ -151,6 +160,9 @@ def activate(
     if mode not in (RuleSetStatus.live, RuleSetStatus.shadow):
         raise _bad("a rule set is activated as live or shadow")
     target = get_rule_set(conn, version=version)
+    if target.status == RuleSetStatus.live.value and mode is RuleSetStatus.shadow:
+        # There is always exactly one live set: it cannot leave by becoming the shadow.
+        raise _bad(f"version {version} is live: make another version live first")
     check_rule_set(target.rules)  # rules saved by an older release must still parse
     conn.execute(
         update(_sets)
@@ -269,9 +281,9 @@ def remove_list_entry(
 ) -> bool:
     try:
         list_kind = ListKind(which)
-        value = _normalise_entry(list_kind, kind, value)
-    except (ValueError, KamengError):
-        return False
+    except ValueError:
+        raise _bad("the lists are allow, block and proxy") from None
+    value = _normalise_entry(list_kind, kind, value)
     gone = conn.execute(
         delete(_lists).where(
             _lists.c.list == list_kind.value, _lists.c.kind == kind, _lists.c.value == value
@@ -435,6 +447,55 @@ def record_facts(conn: Connection, *, subject: Subject, now: datetime) -> None:
     ).close()
 
 
+_LOCK_KEYS = RawSQL(
+    "SELECT pg_advisory_xact_lock(k) FROM "
+    "(SELECT k FROM unnest(CAST(:keys AS bigint[])) AS t(k) ORDER BY k) AS s"
+)
+
+
+def needed_for(loaded: Loaded, subject: Subject, now: datetime) -> frozenset[str]:
+    """The counters (and history) this order really needs: those of rules its own facts do not
+    already decide. A reseller's API order, which the storefront rules rule out by channel,
+    counts nothing at all, however many orders that reseller places."""
+    lazy = frozenset(n for n in loaded.needed if n not in attributes.STATIC_ATTRS)
+    if not lazy:
+        return lazy
+    static = attributes.static_attrs(subject, loaded.lists, now)
+    out: set[str] = set()
+    for rule in (*loaded.live, *loaded.shadow):
+        if could_match(rule.when, static, lazy) is None:
+            out |= attributes_used(rule.when) & lazy
+    return frozenset(out)
+
+
+def serialise_counters(
+    conn: Connection, *, engine: Engine, subject: Subject, now: datetime
+) -> None:
+    """PostgreSQL: orders sharing a counted key (an IP, a browser, an account…) are screened one
+    after the other. Counters only see committed orders, so a burst placed in parallel would
+    otherwise count none of its own. Locks are taken in one sorted batch (no deadlock between
+    two screenings) and held to commit; SQLite has one writer anyway."""
+    if conn.dialect.name != "postgresql":
+        return
+    needed = needed_for(engine.current(conn), subject, now)
+    keys = {c.key for c in (attributes.parse_counter(n) for n in needed) if c}
+    if needed & {"ip_new_for_buyer", "buyer_seen_before"}:
+        keys.add("buyer")
+    ids = sorted(
+        {
+            int.from_bytes(
+                hashlib.sha256(f"risk|{key}|{subject.key_value(key)}".encode()).digest()[:8],
+                "big",
+                signed=True,
+            )
+            for key in keys
+            if subject.key_value(key)
+        }
+    )
+    if ids:
+        _LOCK_KEYS.run(conn, {"keys": ids}).close()
+
+
 def mark_payment_failed(conn: Connection, *, order_id: int) -> None:
     _MARK_FAILED.run(conn, {"yes": True, "order_id": order_id}).close()
 
@@ -499,7 +560,11 @@ def screen(
     started = time.perf_counter()
     loaded = engine.current(conn)
     attrs = attributes.gather(
-        conn, subject=subject, lists=loaded.lists, needed=loaded.needed, now=now
+        conn,
+        subject=subject,
+        lists=loaded.lists,
+        needed=needed_for(loaded, subject, now),
+        now=now,
     )
     verdict = evaluate(loaded.live, attrs)
     shadow = evaluate(loaded.shadow, attrs) if loaded.shadow_version is not None else None
