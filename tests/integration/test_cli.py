@@ -69,3 +69,27 @@ def test_product_reseller_and_tier_price_round_trip(sqlite_container: Container)
         tier = pricing.get_tier(session, code="gold")
         sku = sqlite_container.sku("QQVIP-1M")
         assert pricing.price_for(session, tier_id=tier.id, sku_id=sku.id) == 950
+
+
+def test_product_risk_sets_level_and_qualification(sqlite_container: Container) -> None:
+    """`kameng product risk` sets what screening and checkout read, and refuses nonsense."""
+    c = sqlite_container
+    sku = factories.add_product(c)
+    done = run_cli(
+        c, "product", "risk", sku.lower(), "--level", "3", "--qualification", "business_license"
+    )
+    assert done.returncode == 0, done.stderr
+    c.invalidate_caches()
+    info = c.sku(sku)
+    assert (info.risk_level, info.requires_qualification, info.qualification_kind) == (
+        3,
+        True,
+        "business_license",
+    )
+    assert run_cli(c, "product", "risk", sku.lower(), "--level", "7").returncode != 0
+    assert run_cli(c, "product", "risk", sku.lower(), "--qualification", "a b").returncode != 0
+    off = run_cli(c, "product", "risk", sku.lower(), "--qualification", "none")
+    assert off.returncode == 0, off.stderr
+    c.invalidate_caches()
+    assert c.sku(sku).requires_qualification is False
+    assert c.sku(sku).risk_level == 3

@@ -152,6 +152,51 @@ def product_enable(
     console.print("off sale" if off else "on sale")
 
 
+@product_app.command("risk")
+def product_risk(
+    product: Annotated[str, typer.Argument(help="Product slug")],
+    level: Annotated[
+        int | None, typer.Option(min=0, max=3, help="Risk level 0-3 (rule attribute product_risk)")
+    ] = None,
+    qualification: Annotated[
+        str | None,
+        typer.Option(
+            help="Require an approved document of this kind ('any' for any kind, 'none' to stop)"
+        ),
+    ] = None,
+    actor: ActorOpt = None,
+) -> None:
+    """Set what screening and checkout know about a product's risk."""
+    from kameng.audit import service as audit
+    from kameng.catalog import service as catalog
+
+    if level is None and qualification is None:
+        raise typer.BadParameter("give --level and/or --qualification")
+    container = _container()
+    with container.db.unit_of_work() as session:
+        found = catalog.get_product(session, slug=product)
+        details: dict[str, Any] = {}
+        if level is not None:
+            found.risk_level = level
+            details["risk_level"] = level
+        if qualification is not None:
+            if qualification not in ("none", "any") and not qualification.isidentifier():
+                raise typer.BadParameter("a document kind is a name like business_license")
+            found.requires_qualification = qualification != "none"
+            found.qualification_kind = "" if qualification in ("none", "any") else qualification
+            details["qualification"] = qualification
+        audit.record(
+            session,
+            actor=_actor(actor),
+            action="catalog.risk",
+            target_type="product",
+            target_id=product,
+            details=details,
+        )
+    container.invalidate_caches()
+    console.print(f"{product}: {details}")
+
+
 @product_app.command("list")
 def product_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Products, SKUs, prices and stock."""
