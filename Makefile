@@ -54,6 +54,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/orders.py --db postgresql
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/payments.py
+	# exits 1 while a target is missed (see docs/benchmarks.md); the other figures still print
+	-$(BIN)/python bench/risk_dataset.py
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
