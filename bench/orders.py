@@ -101,7 +101,7 @@ def presign(creds: list[tuple[str, str]], count: int, path: Path, tag: str = "c"
 
 
 def count_orders(data_dir: Path, database_url: str | None) -> dict[str, int]:
-    from kameng.orders.service import count_by_status
+    from kameng.orders.queries import count_by_status
 
     settings = Settings(
         data_dir=data_dir,

@@ -152,3 +152,35 @@ def test_verdict_is_the_first_matching_rule(amount: int, age: int, rate: int) ->
     expected = [r for r in RULES if matches(r.when, attrs)]
     assert verdict.matched == tuple(r.code for r in expected)
     assert verdict.action is (expected[0].action if expected else Action.allow)
+
+
+def test_compiled_rules_decide_exactly_as_the_interpreter() -> None:
+    """The compiled form (used on the hot path) against `evaluate`/`could_match` on many
+    attribute combinations, including missing and wrongly typed values."""
+    import itertools
+
+    from kameng.risk.defaults import DEFAULT_RULES
+    from kameng.risk.rules import Compiled, compile_could_match, could_match, evaluate
+
+    rules = parse_rules(DEFAULT_RULES)
+    compiled = Compiled.of(rules)
+    lazy = frozenset({"ip_orders_1h", "device_orders_10m", "account_buyers_24h"})
+    choices = {
+        "channel": ["storefront", "api", None],
+        "buyer_kind": ["guest", "member", "reseller"],
+        "amount_cents": [0, 15_000, 120_000, "x"],
+        "ip_orders_1h": [1, 6, 40, None],
+        "device_orders_10m": [1, 3, None],
+        "account_buyers_24h": [1, 2, 5, None],
+        "account_age_s": [10, 10**7, None],
+        "ip_proxy": [True, False],
+    }
+    names = list(choices)
+    for values in itertools.product(*choices.values()):
+        attrs = {n: v for n, v in zip(names, values, strict=True) if v is not None}
+        assert compiled.evaluate(attrs) == evaluate(rules, attrs)
+        static = {k: v for k, v in attrs.items() if k not in lazy}
+        for rule in rules:
+            assert compile_could_match(rule.when, lazy)(static) == could_match(
+                rule.when, static, lazy
+            )

@@ -8,6 +8,7 @@ due; the rule itself stays with the reviewers.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -60,6 +61,7 @@ class Screened:
     version: int
 
 
+@functools.lru_cache(maxsize=4096)
 def public_ip(ip: str) -> str:
     """The client IP as screening should count it. A loopback address means a proxy on this
     machine is in front of us and every buyer would share it: counting it would flag everyone,

@@ -262,9 +262,10 @@ def gather(
     lists: Lists,
     needed: frozenset[str],
     now: datetime,
+    static: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every attribute some rule needs (and the cheap static ones, for the record)."""
-    attrs = static_attrs(subject, lists, now)
+    attrs = dict(static) if static is not None else static_attrs(subject, lists, now)
     counters = [c for c in (parse_counter(n) for n in needed) if c is not None]
     if counters:
         attrs.update(count(conn, subject=subject, counters=counters, now=now))

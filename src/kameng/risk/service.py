@@ -31,11 +31,12 @@ from kameng.risk.defaults import DEFAULT_RULES
 from kameng.risk.models import ListKind, RiskListEntry, RiskRuleSet, RiskScreening, RuleSetStatus
 from kameng.risk.rules import (
     Action,
+    Compiled,
+    Maybe,
     Rule,
     Verdict,
     attributes_used,
-    could_match,
-    evaluate,
+    compile_could_match,
     parse_rules,
 )
 
@@ -339,6 +340,9 @@ def load_lists(conn: Connection) -> Lists:
 # -- the engine: what screening needs, cached ---------------------------------------------------
 
 
+Gates = tuple[tuple[Maybe, frozenset[str]], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Loaded:
     live_version: int
@@ -347,6 +351,22 @@ class Loaded:
     shadow: list[Rule]
     lists: Lists
     needed: frozenset[str]
+    live_compiled: Compiled = field(default_factory=lambda: Compiled.of([]))
+    shadow_compiled: Compiled | None = None
+    # Per rule that reads counters: (could it still match?, the counters it reads).
+    gates: Gates = ()
+
+
+def _gates(
+    rules: Iterable[Rule], needed: frozenset[str]
+) -> tuple[tuple[Maybe, frozenset[str]], ...]:
+    lazy = frozenset(n for n in needed if n not in attributes.STATIC_ATTRS)
+    out = []
+    for rule in rules:
+        used = frozenset(attributes_used(rule.when)) & lazy
+        if used:
+            out.append((compile_could_match(rule.when, lazy), used))
+    return tuple(out)
 
 
 def _needed(*rule_sets: Iterable[Rule]) -> frozenset[str]:
@@ -394,13 +414,17 @@ class Engine:
         shadow = next((r for r in rows if r.status == RuleSetStatus.shadow.value), None)
         live_rules = parse_rules(live.rules) if live is not None else []
         shadow_rules = parse_rules(shadow.rules) if shadow is not None else []
+        needed = _needed(live_rules, shadow_rules)
         return Loaded(
             live_version=int(live.version) if live is not None else 0,
             live=live_rules,
             shadow_version=int(shadow.version) if shadow is not None else None,
             shadow=shadow_rules,
             lists=load_lists(conn),
-            needed=_needed(live_rules, shadow_rules),
+            needed=needed,
+            live_compiled=Compiled.of(live_rules),
+            shadow_compiled=Compiled.of(shadow_rules) if shadow is not None else None,
+            gates=_gates((*live_rules, *shadow_rules), needed),
         )
 
 
@@ -453,18 +477,20 @@ _LOCK_KEYS = RawSQL(
 )
 
 
-def needed_for(loaded: Loaded, subject: Subject, now: datetime) -> frozenset[str]:
+def needed_for(
+    loaded: Loaded, subject: Subject, now: datetime, static: dict[str, Any] | None = None
+) -> frozenset[str]:
     """The counters (and history) this order really needs: those of rules its own facts do not
     already decide. A reseller's API order, which the storefront rules rule out by channel,
     counts nothing at all, however many orders that reseller places."""
-    lazy = frozenset(n for n in loaded.needed if n not in attributes.STATIC_ATTRS)
-    if not lazy:
-        return lazy
-    static = attributes.static_attrs(subject, loaded.lists, now)
+    if not loaded.gates:
+        return frozenset()
+    if static is None:
+        static = attributes.static_attrs(subject, loaded.lists, now)
     out: set[str] = set()
-    for rule in (*loaded.live, *loaded.shadow):
-        if could_match(rule.when, static, lazy) is None:
-            out |= attributes_used(rule.when) & lazy
+    for could, used in loaded.gates:
+        if could(static) is None:
+            out |= used
     return frozenset(out)
 
 
@@ -559,15 +585,17 @@ def screen(
     Returns the screening and the live rules it was decided by (for the reviewer's reasons)."""
     started = time.perf_counter()
     loaded = engine.current(conn)
+    static = attributes.static_attrs(subject, loaded.lists, now)
     attrs = attributes.gather(
         conn,
         subject=subject,
         lists=loaded.lists,
-        needed=needed_for(loaded, subject, now),
+        needed=needed_for(loaded, subject, now, static),
         now=now,
+        static=static,
     )
-    verdict = evaluate(loaded.live, attrs)
-    shadow = evaluate(loaded.shadow, attrs) if loaded.shadow_version is not None else None
+    verdict = loaded.live_compiled.evaluate(attrs)
+    shadow = loaded.shadow_compiled.evaluate(attrs) if loaded.shadow_compiled is not None else None
     elapsed = time.perf_counter() - started
     latency_us = int(elapsed * 1_000_000)
     rows = [
