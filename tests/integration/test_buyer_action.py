@@ -77,6 +77,24 @@ def test_a_precheck_refusal_moves_no_money(rig: Rig) -> None:
         assert conn.execute(text("SELECT COUNT(*) FROM orders")).scalar_one() == 0
 
 
+def test_a_closed_denomination_is_refused_before_payment(rig: Rig) -> None:
+    sku, their = topup_sku(rig)
+    rig.sim.configure_sku(their, maintenance_now=True)
+    before = balance(rig)
+    resp = post(
+        rig,
+        "/api/v1/orders",
+        {"sku": sku, "fields": {"account": "13912345678"}},
+        idempotency_key=secrets.token_hex(8),
+    )
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["precheck"] == "denomination_closed"
+    assert balance(rig) == before
+    rig.sim.configure_sku(their, maintenance_now=False)
+    placed = rig.order(sku, fields={"account": "13912345678"})
+    assert rig.wait_status(placed["order_no"], {"delivered"}) == "delivered"
+
+
 def stuck_order(rig: Rig) -> tuple[str, str]:
     """An order paid with an account the supplier refuses at purchase (its pre-check is down,
     so the refusal only comes after payment)."""

@@ -145,7 +145,9 @@ def test_low_supplier_balance_fails_over_to_the_next_supplier(rig: Rig) -> None:
 
 
 def test_maintenance_window_waits_then_recovers(rig: Rig) -> None:
-    rig.sim.configure_sku("T", maintenance_now=True)
+    # Its pre-check is down too: otherwise the closed denomination is refused before payment
+    # (tests/integration/test_buyer_action.py); this is the order that got through anyway.
+    rig.sim.configure_sku("T", maintenance_now=True, precheck_error_rate=1.0)
     sku = rig.product(sla_seconds=120)
     rig.add_offer(sku, "sim", "T")
     order_no = str(rig.order(sku)["order_no"])
@@ -183,7 +185,7 @@ def test_partial_delivery_at_the_deadline_refunds_the_missing_part(rig: Rig) -> 
 
 
 def test_no_supplier_answer_before_the_deadline_refunds(rig: Rig) -> None:
-    rig.sim.configure_sku("T", maintenance_now=True)
+    rig.sim.configure_sku("T", maintenance_now=True, precheck_error_rate=1.0)
     sku = rig.product(sla_seconds=3)
     rig.add_offer(sku, "sim", "T")
     before = factories.wallet_balance(rig.container, rig.creds.reseller_id)
