@@ -126,6 +126,7 @@ DEMO_SUPPLIER_CONFIG: dict[str, Any] = {
             "kind": "direct_topup",
             "price_cents": 4900,
             "required_fields": ["phone"],
+            "account_field": "phone",  # its pre-check: a number ending in 0000 does not exist
             "mode": "callback",
             "callback_delay_ms": 1500,
             "latency_ms": {"dist": "uniform", "min": 150, "max": 600},
@@ -136,6 +137,7 @@ DEMO_SUPPLIER_CONFIG: dict[str, Any] = {
             "kind": "direct_topup",
             "price_cents": 9800,
             "required_fields": ["phone"],
+            "account_field": "phone",
             "latency_ms": {"dist": "uniform", "min": 300, "max": 900},
         },
         {

@@ -162,6 +162,11 @@ REASON_TEXT.update(
             "The order did not pass the safety check; it is canceled and refunded to balance",
         ),
         "review_approved": ("审核已通过", "Review passed"),
+        "upstream_denomination_closed": (
+            "上游该面值暂停充值，正在切换其他货源；无货源时等待恢复，超时自动退款",
+            "The supplier has closed this denomination for now; trying another source, "
+            "waiting for it to reopen, or refunded when the wait runs out",
+        ),
         "buyer_info_corrected": (
             "已收到您修改的信息，正在重新提交上游处理",
             "Your corrected details arrived; the order is going to the supplier again",
