@@ -176,3 +176,78 @@ def test_the_buyer_action_sla_refunds(tmp_path: Path) -> None:
         assert rig.get(order_no)["reason"] == "buyer_action_sla_expired"
         assert balance(rig) == before
         factories.assert_books_clean(rig.container)
+
+
+def test_a_member_corrects_the_account_on_the_storefront(rig: Rig) -> None:
+    """The storefront side of the round trip: the order page offers the form, the corrected
+    account resumes the order, and the timeline says so."""
+    import re
+
+    import httpx
+    from tests.support.shop import csrf_of
+
+    from kameng.ledger import service as ledger
+    from kameng.members import service as members
+
+    sku, their = topup_sku(rig, precheck_error_rate=1.0)
+    client = httpx.Client(base_url=rig.url, follow_redirects=False, timeout=15)
+    page = client.get("/register")
+    email = f"fix-{secrets.token_hex(3)}@example.com"
+    registered = client.post(
+        "/register",
+        data={"csrf_token": csrf_of(page.text), "email": email, "password": "correct horse 42"},
+    )
+    assert registered.status_code == 303
+    with rig.container.db.connect() as conn:
+        member_id = members.find_member(conn, email=email)
+        assert member_id is not None
+        wallet = ledger.wallet_account(conn, owner_type="member", owner_id=member_id)
+        ledger.topup(
+            conn,
+            wallet_id=wallet,
+            accounts=rig.container.accounts,
+            amount=PRICE,
+            now=rig.container.clock(),
+            actor="staff:test",
+        )
+    form = client.get(f"/buy/{sku}")
+    placed = client.post(
+        f"/buy/{sku}",
+        data={
+            "csrf_token": csrf_of(form.text),
+            "quantity": "1",
+            "pay": "balance",
+            "f_account": "13700000000",
+        },
+    )
+    assert placed.status_code == 303, placed.text[:300]
+    order_no = placed.headers["location"].removeprefix("/orders/")
+    rig.wait_status(order_no, {"needs_buyer_action"})
+    page = client.get(f"/orders/{order_no}")
+    assert 'id="fix-form"' in page.text and 'value="13700000000"' in page.text
+    assert 'id="cancel-refund"' in page.text
+
+    no_csrf = client.post(f"/orders/{order_no}/fields", data={"f_account": "13912345678"})
+    assert no_csrf.status_code == 403
+    stranger = httpx.Client(base_url=rig.url, follow_redirects=False, timeout=15)
+    token = csrf_of(stranger.get(f"/buy/{sku}").text)
+    refused = stranger.post(
+        f"/orders/{order_no}/fields", data={"csrf_token": token, "f_account": "13912345678"}
+    )
+    assert refused.status_code == 404
+    assert rig.status(order_no) == "needs_buyer_action"
+
+    rig.sim.configure_sku(their, precheck_error_rate=0.0)
+    token = csrf_of(page.text)
+    wrong = client.post(
+        f"/orders/{order_no}/fields", data={"csrf_token": token, "f_account": "13600000000"}
+    )
+    assert wrong.status_code == 422 and "invalid_fields" in wrong.text
+    fixed = client.post(
+        f"/orders/{order_no}/fields", data={"csrf_token": token, "f_account": "13912345678"}
+    )
+    assert fixed.status_code == 303, fixed.text[:300]
+    assert rig.wait_status(order_no, {"delivered"}) == "delivered"
+    timeline = client.get(f"/orders/{order_no}").text
+    assert re.search("已收到您修改的信息", timeline)
+    factories.assert_books_clean(rig.container)
