@@ -251,3 +251,66 @@ def test_a_member_corrects_the_account_on_the_storefront(rig: Rig) -> None:
     timeline = client.get(f"/orders/{order_no}").text
     assert re.search("已收到您修改的信息", timeline)
     factories.assert_books_clean(rig.container)
+
+
+def test_corrected_information_is_screened_again(rig: Rig) -> None:
+    """A refused account swapped for one the rules would flag: the order goes to review (money
+    still held) instead of to the supplier; swapped for a block-listed one, it is rejected and
+    refunded."""
+    from kameng.risk import service as risk
+    from kameng.risk.defaults import DEFAULT_RULES
+    from kameng.risk.models import RuleSetStatus
+
+    c = rig.container
+    second_payment = {
+        "code": "account_reused",
+        "priority": 5,
+        "action": "review",
+        "category": "recharge_account",
+        "when": {"attr": "account_orders_24h", "op": ">=", "value": 2},
+        "explain": {"zh-CN": "同一账号 24 小时内第二笔", "en": "A second order for one account"},
+    }
+    with c.db.connect() as conn:
+        saved = risk.save_rule_set(
+            conn, rules=[second_payment, *DEFAULT_RULES], note="test", actor="t", now=c.clock()
+        )
+        risk.activate(
+            conn, version=saved.version, mode=RuleSetStatus.live, actor="t", now=c.clock()
+        )
+        risk.add_list_entry(
+            conn,
+            which="block",
+            kind="account",
+            value="13955550000",
+            note="",
+            actor="t",
+            now=c.clock(),
+        )
+    c.risk_engine.invalidate()
+    sku, their = topup_sku(rig)
+    earlier = rig.order(sku, fields={"account": "13911110001"})
+    rig.wait_status(earlier["order_no"], {"delivered"})
+
+    before = balance(rig)
+    rig.sim.configure_sku(their, precheck_error_rate=1.0)
+    first = rig.order(sku, fields={"account": "13700000000"})
+    rig.wait_status(first["order_no"], {"needs_buyer_action"})
+    resp = post(
+        rig, f"/api/v1/orders/{first['order_no']}/fields", {"fields": {"account": "13911110001"}}
+    )
+    assert resp.status_code == 200, resp.text
+    assert (resp.json()["status"], resp.json()["reason"]) == (
+        "review",
+        "risk_review_recharge_account",
+    )
+    assert balance(rig) == before - PRICE  # still held for the reviewer
+
+    second = rig.order(sku, fields={"account": "13700000000"})
+    rig.wait_status(second["order_no"], {"needs_buyer_action"})
+    resp = post(
+        rig, f"/api/v1/orders/{second['order_no']}/fields", {"fields": {"account": "13955550000"}}
+    )
+    assert resp.status_code == 200, resp.text
+    assert (resp.json()["status"], resp.json()["reason"]) == ("rejected", "risk_rejected")
+    assert balance(rig) == before - PRICE  # the rejected one is back; the reviewed one held
+    factories.assert_books_clean(c)

@@ -409,6 +409,9 @@ async def correct_fields(
             actor=caller.actor,
             fulfil_sla_s=sku.sla_seconds or container.settings.default_sla_s,
             now=container.clock(),
+            engine=container.screening_engine,
+            accounts=container.accounts,
+            review_sla_s=container.settings.review_sla_s,
         )
         body, _ = render.full_order(
             conn, container, fresh, language, channel="api_fields", actor=caller.actor

@@ -92,7 +92,16 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.backordered: frozenset(
         {Status.fulfilling, Status.delivered, Status.canceled, Status.refunded}
     ),
-    Status.needs_buyer_action: frozenset({Status.fulfilling, Status.canceled, Status.refunded}),
+    Status.needs_buyer_action: frozenset(
+        {
+            Status.fulfilling,
+            # corrected information is screened again: it may be what the first one hid
+            Status.review,
+            Status.rejected,
+            Status.canceled,
+            Status.refunded,
+        }
+    ),
     Status.delivered: frozenset({Status.completed, Status.disputed}),
     Status.disputed: frozenset({Status.replaced, Status.refunded, Status.completed}),
     Status.completed: frozenset(),

@@ -20,13 +20,17 @@ from kameng.catalog.models import DeliveryKind
 from kameng.catalog.service import SkuInfo
 from kameng.db import notify_due, table
 from kameng.errors import ErrorCode, KamengError, field_error
-from kameng.orders import fulfil
+from kameng.ledger import service as ledger
+from kameng.orders import fulfil, screening
 from kameng.orders.models import Order, OrderLine
 from kameng.orders.state import Stage, Status
-from kameng.pipeline import apply
+from kameng.pipeline import apply, review_actions
 from kameng.pipeline.registry import Adapters
+from kameng.review import service as review
+from kameng.risk import service as risk
 from kameng.risk.attributes import recharge_account
 from kameng.risk.models import RiskFact
+from kameng.risk.rules import Action
 from kameng.suppliers import service as suppliers
 from kameng.suppliers.models import Supplier
 from kameng.suppliers.port import Precheck
@@ -38,6 +42,68 @@ _fact = table(RiskFact)
 _supplier = table(Supplier)
 
 PRECHECK_TIMEOUT_S = 3.0
+
+
+def _screen_again(
+    conn: Connection,
+    *,
+    loaded: fulfil.Loaded,
+    sku: SkuInfo,
+    engine: risk.Engine,
+    accounts: ledger.PlatformAccounts,
+    review_sla_s: int,
+    changed: list[str],
+    actor: str,
+    now: datetime,
+) -> bool:
+    """Screen the corrected order; True when it went to review or was rejected instead."""
+    order, line = loaded.order, loaded.line
+    subject = screening.stored_subject(
+        conn, order=order, sku=sku, quantity=line.quantity, unit_price_cents=line.unit_price_cents
+    )
+    if subject is None:
+        return False
+    screened = screening.screen(
+        conn, engine=engine, subject=subject, review_sla_s=review_sla_s, now=now
+    )
+    if screened.action is Action.allow:
+        return False
+    if screened.action is Action.block:
+        review_actions.reject_order(
+            conn, loaded=loaded, accounts=accounts, reason="risk_rejected", actor=actor, now=now
+        )
+        return True
+    deadline = screened.review_deadline
+    assert deadline is not None
+    apply.transition(
+        conn,
+        loaded=loaded,
+        to_status=Status.review,
+        stage=None,
+        reason=f"risk_review_{screened.category}",
+        now=now,
+        next_action_at=deadline,
+        details={
+            "changed": changed,
+            "category": screened.category,
+            "decide_by": deadline.isoformat(),
+        },
+        extra_values={"sla_deadline": deadline},
+        actor=actor,
+    )
+    review.open_item(
+        conn,
+        order_id=order.id,
+        category=screened.category,
+        rule_code=screened.rule_code,
+        reasons=screened.reasons,
+        score=screened.score,
+        amount_cents=order.amount_cents,
+        currency=order.currency,
+        sla_deadline=deadline,
+        now=now,
+    )
+    return True
 
 
 async def precheck(
@@ -102,9 +168,15 @@ def correct_fields(
     actor: str,
     fulfil_sla_s: int,
     now: datetime,
+    engine: risk.Engine | None = None,
+    accounts: ledger.PlatformAccounts | None = None,
+    review_sla_s: int = 1800,
 ) -> Any:
     """The buyer's corrected information (already validated against the product's template):
-    stored on the line, and the order goes back to procuring now with a fresh delivery SLA."""
+    stored on the line, and the order goes back to procuring now with a fresh delivery SLA.
+
+    With an engine, the order is screened again first: a refused account swapped for one that
+    many buyers top up is exactly what the first screening could not see."""
     loaded = fulfil.load(conn, order_id=order_id)
     if loaded is None:
         raise KamengError(ErrorCode.order_not_found)
@@ -130,6 +202,20 @@ def correct_fields(
     conn.execute(update(_line).where(_line.c.id == loaded.line.id).values(fields=fields))
     account = recharge_account(sku.field_template, fields)
     conn.execute(update(_fact).where(_fact.c.order_id == order_id).values(account=account))
+    if engine is not None and accounts is not None:
+        flagged = _screen_again(
+            conn,
+            loaded=loaded,
+            sku=sku,
+            engine=engine,
+            accounts=accounts,
+            review_sla_s=review_sla_s,
+            changed=changed,
+            actor=actor,
+            now=now,
+        )
+        if flagged:
+            return conn.execute(select(_order).where(_order.c.id == order_id)).one()
     apply.transition(
         conn,
         loaded=loaded,

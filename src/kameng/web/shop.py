@@ -551,6 +551,9 @@ async def correct_fields(request: Request, order_no: str) -> Response:
                 actor=actor,
                 fulfil_sla_s=sku.sla_seconds or container.settings.default_sla_s,
                 now=container.clock(),
+                engine=container.screening_engine,
+                accounts=container.accounts,
+                review_sla_s=container.settings.review_sla_s,
             )
         )
     except KamengError as exc:
