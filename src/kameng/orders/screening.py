@@ -156,8 +156,9 @@ def screen(
     subject: Subject,
     review_sla_s: int,
     now: datetime,
+    loaded: risk.Loaded | None = None,
 ) -> Screened:
-    result, rules = risk.screen(conn, engine=engine, subject=subject, now=now)
+    result, rules = risk.screen(conn, engine=engine, subject=subject, now=now, loaded=loaded)
     verdict = result.verdict
     return Screened(
         action=verdict.action,

@@ -440,25 +440,34 @@ def place_order(
     events = [
         event_row(conn, order_id, None, Status.paid, None, "paid_from_balance", buyer.actor, now)
     ]
-    screened = None
-    if engine is not None:
-        subject = screening.subject_for(
-            order_id=order_id,
-            owner=buyer.risk_key,
-            buyer_kind=buyer.kind,
-            channel=cmd.channel,
-            sku=sku,
-            quantity=cmd.quantity,
-            unit_price_cents=cmd.unit_price_cents,
-            fields=cmd.fields,
-            context=context or screening.Context(),
-        )
-        risk.serialise_counters(conn, engine=engine, subject=subject, now=now)
-        risk.record_facts(conn, subject=subject, now=now)
-        screened = screening.screen(
-            conn, engine=engine, subject=subject, review_sla_s=policy.review_sla_s, now=now
-        )
+    # Rules and lists are (re)loaded before the pipeline: those reads go through the ORM.
+    rules = engine.current(conn) if engine is not None else None
     with pipelined(conn):
+        # Screening's inserts ride the same round trips as the order's own (PostgreSQL
+        # pipeline); a counter it must read forces a sync, in order, after its locks.
+        screened = None
+        if engine is not None:
+            subject = screening.subject_for(
+                order_id=order_id,
+                owner=buyer.risk_key,
+                buyer_kind=buyer.kind,
+                channel=cmd.channel,
+                sku=sku,
+                quantity=cmd.quantity,
+                unit_price_cents=cmd.unit_price_cents,
+                fields=cmd.fields,
+                context=context or screening.Context(),
+            )
+            risk.serialise_counters(conn, engine=engine, subject=subject, now=now, loaded=rules)
+            risk.record_facts(conn, subject=subject, now=now)
+            screened = screening.screen(
+                conn,
+                engine=engine,
+                subject=subject,
+                review_sla_s=policy.review_sla_s,
+                now=now,
+                loaded=rules,
+            )
         started = start_fulfilment(
             conn,
             order_id=order_id,

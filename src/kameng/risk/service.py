@@ -495,7 +495,12 @@ def needed_for(
 
 
 def serialise_counters(
-    conn: Connection, *, engine: Engine, subject: Subject, now: datetime
+    conn: Connection,
+    *,
+    engine: Engine,
+    subject: Subject,
+    now: datetime,
+    loaded: Loaded | None = None,
 ) -> None:
     """PostgreSQL: orders sharing a counted key (an IP, a browser, an account…) are screened one
     after the other. Counters only see committed orders, so a burst placed in parallel would
@@ -503,7 +508,7 @@ def serialise_counters(
     two screenings) and held to commit; SQLite has one writer anyway."""
     if conn.dialect.name != "postgresql":
         return
-    needed = needed_for(engine.current(conn), subject, now)
+    needed = needed_for(loaded or engine.current(conn), subject, now)
     keys = {c.key for c in (attributes.parse_counter(n) for n in needed) if c}
     if needed & {"ip_new_for_buyer", "buyer_seen_before"}:
         keys.add("buyer")
@@ -579,12 +584,17 @@ def _row(
 
 
 def screen(
-    conn: Connection, *, engine: Engine, subject: Subject, now: datetime
+    conn: Connection,
+    *,
+    engine: Engine,
+    subject: Subject,
+    now: datetime,
+    loaded: Loaded | None = None,
 ) -> tuple[Screening, list[Rule]]:
     """Screen one order whose facts are already recorded; stores the live (and shadow) result.
     Returns the screening and the live rules it was decided by (for the reviewer's reasons)."""
     started = time.perf_counter()
-    loaded = engine.current(conn)
+    loaded = loaded or engine.current(conn)
     static = attributes.static_attrs(subject, loaded.lists, now)
     attrs = attributes.gather(
         conn,
