@@ -193,14 +193,14 @@ def _decidable(
     return item, loaded
 
 
-def _fulfil_sla_s(conn: Connection, *, sku_id: int, default_s: int) -> int:
-    """The product's own delivery SLA (what the pipeline uses), else the default."""
+def product_sla(conn: Connection, *, sku_id: int) -> int | None:
+    """The product's own delivery SLA in seconds (None: the platform default applies)."""
     value = conn.execute(
         select(_product.c.sla_seconds)
         .join(_sku, _sku.c.product_id == _product.c.id)
         .where(_sku.c.id == sku_id)
     ).scalar()
-    return int(value) if value else default_s
+    return int(value) if value else None
 
 
 def approve(
@@ -227,7 +227,7 @@ def approve(
         conn,
         loaded=loaded,
         accounts=accounts,
-        fulfil_sla_s=_fulfil_sla_s(conn, sku_id=loaded.order.sku_id, default_s=fulfil_sla_s),
+        fulfil_sla_s=product_sla(conn, sku_id=loaded.order.sku_id) or fulfil_sla_s,
         now=now,
     )
     DECISIONS.labels("approved").inc()

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
-from kameng.catalog.models import DeliveryKind, Product, Sku
+from kameng.catalog.models import DeliveryKind
 from kameng.db import table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
@@ -41,8 +41,6 @@ T = TypeVar("T")
 _event = table(OrderEvent)
 _supplier = table(Supplier)
 _offer_table = table(SupplierOffer)
-_product = table(Product)
-_sku = table(Sku)
 
 # A purchase the supplier says it never received is re-sent under the same out-trade-no (they
 # deduplicate on it) this many times before we give up on that supplier for this order.
@@ -233,7 +231,9 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
 
     if status is Status.review:
         fulfil_sla_s = ctx.default_sla_s
-        sla = ctx.cached("sla", order.sku_id, lambda: _product_sla(conn, order.sku_id))
+        sla = ctx.cached(
+            "sla", order.sku_id, lambda: review_actions.product_sla(conn, sku_id=order.sku_id)
+        )
         if sla:
             fulfil_sla_s = int(sla)
         label = review_actions.apply_sla(
@@ -358,15 +358,6 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
         fields=dict(loaded.line.fields or {}),
         deadline=order.sla_deadline,
     )
-
-
-def _product_sla(conn: Connection, sku_id: int) -> int | None:
-    value = conn.execute(
-        select(_product.c.sla_seconds)
-        .join(_sku, _sku.c.product_id == _product.c.id)
-        .where(_sku.c.id == sku_id)
-    ).scalar()
-    return int(value) if value else None
 
 
 def _offer_sku(conn: Connection, offer_id: int) -> str:
