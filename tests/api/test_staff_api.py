@@ -415,3 +415,59 @@ def test_the_queue_figures(api: Api, shop: Shop) -> None:
     # An hour on, the decision no longer counts as recent.
     shop.clock.advance(3600)
     assert api.ok("rita", "GET", "/review/figures")["decisions_last_hour"] == 0
+
+
+def test_qualification_documents_are_decided_through_the_api(api: Api, shop: Shop) -> None:
+    from kameng.documents import service as documents
+
+    buyer = shop.member()
+    assert buyer.member_id is not None
+    png = b"\x89PNG\r\n\x1a\n" + b"\x01" * 32
+    with shop.c.db.connect() as conn:
+        first = documents.upload(
+            conn,
+            member_id=buyer.member_id,
+            kind="business_license",
+            filename="licence.png",
+            content_type="application/octet-stream",
+            content=png,
+            now=shop.clock(),
+        )
+        second = documents.upload(
+            conn,
+            member_id=buyer.member_id,
+            kind="id_card",
+            filename="id.png",
+            content_type="image/png",
+            content=png + b"2",
+            now=shop.clock(),
+        )
+    pending = api.ok("rita", "GET", "/documents")["documents"]
+    assert {first, second} <= {d["id"] for d in pending}
+    assert api("fay", "GET", "/documents").status_code == 403  # finance: not theirs
+    file = api("sam", "GET", f"/documents/{first}/file")
+    assert file.status_code == 200 and file.content == png
+    assert file.headers["content-type"] == "image/png"  # sniffed, not as declared
+    assert file.headers["cache-control"] == "no-store"
+    assert api("sam", "POST", f"/documents/{first}/approve", {}).status_code == 403
+
+    blank = api("rita", "POST", f"/documents/{second}/reject", {"reason": ""})
+    assert blank.status_code == 400  # a request that fails validation, as everywhere
+    rejected = api.ok("rita", "POST", f"/documents/{second}/reject", {"reason": "blurred"})
+    assert (rejected["status"], rejected["reason"]) == ("rejected", "blurred")
+    approved = api.ok(
+        "ron", "POST", f"/documents/{first}/approve", {"expires_at": "2099-01-01T00:00:00Z"}
+    )
+    assert (approved["status"], approved["valid"], approved["reviewed_by"]) == (
+        "approved",
+        True,
+        "staff:ron",
+    )
+    again = api("rita", "POST", f"/documents/{first}/reject", {"reason": "late"})
+    assert again.status_code == 409
+    assert error_of(again)["code"] == "document_already_decided"
+    assert api("rita", "GET", "/documents/999999/file").status_code == 404
+    with shop.c.db.connect(write=False) as conn:
+        assert documents.has_valid(
+            conn, member_id=buyer.member_id, kind="business_license", now=shop.clock()
+        )

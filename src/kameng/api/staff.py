@@ -11,12 +11,13 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 
 from kameng.container import Container
+from kameng.documents import service as documents
 from kameng.errors import ErrorCode, KamengError
 from kameng.orders import queries as order_queries
 from kameng.pipeline import review_actions
@@ -358,3 +359,102 @@ async def order_screenings(
         }
 
     return await _read(container, load)
+
+
+# -- qualification documents ------------------------------------------------------------------
+
+
+class DocumentApproveIn(BaseModel):
+    expires_at: datetime | None = None
+
+
+class DocumentRejectIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+def _document_json(doc: documents.DocumentInfo, now: datetime) -> dict[str, Any]:
+    return {
+        "id": doc.id,
+        "member_id": doc.member_id,
+        "kind": doc.kind,
+        "filename": doc.filename,
+        "content_type": doc.content_type,
+        "size_bytes": doc.size_bytes,
+        "sha256": doc.sha256,
+        "status": doc.status,
+        "reason": doc.reason,
+        "reviewed_by": doc.reviewed_by,
+        "reviewed_at": doc.reviewed_at.isoformat() if doc.reviewed_at else None,
+        "expires_at": doc.expires_at.isoformat() if doc.expires_at else None,
+        "valid": doc.is_valid(now),
+        "created_at": doc.created_at.isoformat(),
+    }
+
+
+@router.get("/documents")
+async def list_documents(
+    staff: StaffDep,
+    container: ContainerDep,
+    pending: Annotated[bool, Query()] = True,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> dict[str, Any]:
+    """Documents waiting for a decision (oldest first), or the most recent ones."""
+    staff_service.require(staff, Role.reviewer, Role.support)
+    now = container.clock()
+    docs = await _read(
+        container,
+        lambda c: (
+            documents.list_pending(c, limit=limit)
+            if pending
+            else documents.list_recent(c, limit=limit)
+        ),
+    )
+    return {"documents": [_document_json(d, now) for d in docs]}
+
+
+@router.get("/documents/{document_id}/file")
+async def document_file(document_id: int, staff: StaffDep, container: ContainerDep) -> Response:
+    """The file itself, as uploaded (type sniffed from its content at upload); never cached."""
+    staff_service.require(staff, Role.reviewer, Role.support)
+    doc = await _read(
+        container, lambda c: documents.get(c, document_id=document_id, with_content=True)
+    )
+    return Response(
+        doc.content or b"",
+        media_type=doc.content_type,
+        headers={
+            "Content-Disposition": f'attachment; filename="document-{doc.id}"',
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+@router.post("/documents/{document_id}/approve")
+async def approve_document(
+    document_id: int, body: DocumentApproveIn, staff: StaffDep, container: ContainerDep
+) -> dict[str, Any]:
+    staff_service.require(staff, Role.reviewer)
+    now = container.clock()
+
+    def job(c: Connection) -> documents.DocumentInfo:
+        documents.approve(
+            c, document_id=document_id, staff=staff.actor, expires_at=body.expires_at, now=now
+        )
+        return documents.get(c, document_id=document_id)
+
+    return _document_json(await _write(container, job), now)
+
+
+@router.post("/documents/{document_id}/reject")
+async def reject_document(
+    document_id: int, body: DocumentRejectIn, staff: StaffDep, container: ContainerDep
+) -> dict[str, Any]:
+    staff_service.require(staff, Role.reviewer)
+    now = container.clock()
+
+    def job(c: Connection) -> documents.DocumentInfo:
+        documents.reject(c, document_id=document_id, staff=staff.actor, reason=body.reason, now=now)
+        return documents.get(c, document_id=document_id)
+
+    return _document_json(await _write(container, job), now)
