@@ -464,8 +464,7 @@ def test_qualification_documents_are_decided_through_the_api(api: Api, shop: Sho
         "staff:ron",
     )
     again = api("rita", "POST", f"/documents/{first}/reject", {"reason": "late"})
-    assert again.status_code == 409
-    assert error_of(again)["code"] == "document_already_decided"
+    error_of(again, 409, "document_already_decided")
     assert api("rita", "GET", "/documents/999999/file").status_code == 404
     with shop.c.db.connect(write=False) as conn:
         assert documents.has_valid(
