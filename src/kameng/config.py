@@ -101,6 +101,13 @@ class Settings(BaseSettings):
     review_escalation_secret: str = Field(
         default="", description="Signs the escalation POSTs (X-Kameng-Signature), if set"
     )
+    risk_facts_retention_days: int = Field(
+        default=180,
+        description="Days of per-order risk facts kept (counters read up to 90; backtests more)",
+    )
+    risk_screenings_retention_days: int = Field(
+        default=400, description="Days of screening records (what matched, per order) kept"
+    )
     buyer_action_sla_s: int = Field(
         default=86_400, description="How long a buyer has to correct rejected information"
     )

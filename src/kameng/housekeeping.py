@@ -1,5 +1,5 @@
 """Periodic clean-up of data whose job is done: expired nonces, old idempotency records,
-expired member sessions.
+expired member sessions, risk facts and screening records past their retention.
 
 Supplier callback event ids and sent notifications are kept a week.
 Nonces only need remembering for twice the signature window (a replay outside the window is
@@ -18,6 +18,7 @@ from kameng.idempotency import service as idem
 from kameng.members import service as members
 from kameng.pipeline import outbox
 from kameng.resellers import service as resellers
+from kameng.risk import service as risk
 from kameng.suppliers import service as suppliers
 
 IDEMPOTENCY_RETENTION = timedelta(days=7)
@@ -36,7 +37,14 @@ def prune(container: Container) -> dict[str, int]:
         events = suppliers.prune_events(conn, older_than=now - EVENT_RETENTION)
         sent = outbox.prune_sent(conn, older_than=now - EVENT_RETENTION)
         sessions = members.prune_sessions(conn, now=now)
+        risk_rows = risk.prune(
+            conn,
+            now=now,
+            facts_days=container.settings.risk_facts_retention_days,
+            screenings_days=container.settings.risk_screenings_retention_days,
+        )
     return {
+        **risk_rows,
         "member_sessions": sessions,
         "nonces": nonces,
         "idempotency_records": records,

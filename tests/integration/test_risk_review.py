@@ -1087,3 +1087,30 @@ def test_the_velocity_text_in_chinese() -> None:
     zh = reason_text("risk_review_velocity", "zh-CN")
     assert zh.startswith("订单需人工审核") and "短时间内下单较多" in zh
     assert "velocity" not in zh and "ip" not in zh.lower()
+
+
+def test_housekeeping_prunes_risk_records_past_their_retention(any_shop: Shop) -> None:
+    """Facts past the retention go (never those a 90-day counter still reads); screening
+    records go on their own retention; the rest stay."""
+    from kameng import housekeeping
+
+    shop = any_shop
+    sku = factories.add_product(shop.c, price_cents=1_000, stock=3)
+    buyer = shop.member()
+    start = shop.clock()
+    old = shop.place(buyer, sku, ip="203.0.113.90")
+    shop.clock.advance(95 * 86400)
+    middle = shop.place(buyer, sku, ip="203.0.113.90")
+    shop.clock.advance(100 * 86400)  # old is 195 days back, middle 100
+    recent = shop.place(buyer, sku, ip="203.0.113.90")
+    shop.c.settings.risk_facts_retention_days = 30  # below the floor: 91 days are kept anyway
+    shop.c.settings.risk_screenings_retention_days = 150
+    pruned = housekeeping.prune(shop.c)
+    assert (pruned["risk_facts"], pruned["risk_screenings"]) == (2, 1)
+    kept = {r[0] for r in shop.read("SELECT order_id FROM risk_facts")}
+    assert kept == {recent.order_id}
+    screened = {r[0] for r in shop.read("SELECT order_id FROM risk_screenings")}
+    assert screened == {middle.order_id, recent.order_id}
+    assert housekeeping.prune(shop.c)["risk_facts"] == 0
+    assert start < shop.clock()
+    assert old.order_id not in kept

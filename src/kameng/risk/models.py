@@ -74,6 +74,7 @@ class RiskFact(Base):
         Index("ix_risk_facts_account_at", "account", "created_at"),
         Index("ix_risk_facts_device_at", "device", "created_at"),
         Index("ix_risk_facts_email_at", "email", "created_at"),
+        Index("ix_risk_facts_created_at", "created_at"),  # pruning past the retention
     )
     order_id: Mapped[int] = mapped_column(ForeignKey("orders.id"), primary_key=True)
     buyer: Mapped[str] = mapped_column(String(80))

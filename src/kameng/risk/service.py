@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -694,3 +694,35 @@ def buyer_history(conn: Connection, *, order_id: int) -> dict[str, Any]:
         "by_status": by_status,
         "recharge_account_buyers": account_buyers,
     }
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+PRUNE_BATCH = 5000
+_PRUNE_FACTS = RawSQL(
+    "DELETE FROM risk_facts WHERE order_id IN (SELECT order_id FROM risk_facts "
+    f"WHERE created_at < :cut ORDER BY created_at LIMIT {PRUNE_BATCH})"
+)
+_PRUNE_SCREENINGS = RawSQL(
+    "DELETE FROM risk_screenings WHERE id IN (SELECT id FROM risk_screenings "
+    f"WHERE at < :cut ORDER BY at LIMIT {PRUNE_BATCH})"
+)
+
+
+def prune(
+    conn: Connection, *, now: datetime, facts_days: int, screenings_days: int
+) -> dict[str, int]:
+    """Drop facts and screening records past their retention, a batch per call (housekeeping
+    calls it every minute, so a backlog drains without one long lock). Facts are kept at least
+    a day longer than the longest counter window, whatever the setting says."""
+    facts_keep = max(
+        timedelta(days=facts_days), timedelta(seconds=attributes.MAX_WINDOW_S + 86_400)
+    )
+    screenings_keep = max(timedelta(days=screenings_days), timedelta(days=1))
+    facts = _PRUNE_FACTS.run(conn, {"cut": db_time(conn, now - facts_keep)})
+    screenings = _PRUNE_SCREENINGS.run(conn, {"cut": db_time(conn, now - screenings_keep)})
+    try:
+        return {"risk_facts": facts.rowcount, "risk_screenings": screenings.rowcount}
+    finally:
+        facts.close()
+        screenings.close()
