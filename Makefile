@@ -54,7 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/orders.py --db postgresql
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/payments.py
-	# exits 1 while a target is missed (see docs/benchmarks.md); the other figures still print
+	# exits 1 when a target is missed (see docs/benchmarks.md); the other figures still print
 	-$(BIN)/python bench/risk_dataset.py
 
 clean:

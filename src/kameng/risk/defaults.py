@@ -182,6 +182,24 @@ DEFAULT_RULES: list[dict[str, Any]] = [
         },
     },
     {
+        "code": "fresh_account_order",
+        "priority": 42,
+        "action": "review",
+        "score": 100,
+        "category": "account",
+        "when": {
+            "all": [
+                _cmp("buyer_kind", "==", "member"),
+                _cmp("account_age_s", "<", 2 * 3600),
+                _cmp("amount_cents", ">=", 15000),
+            ]
+        },
+        "explain": {
+            "zh-CN": "注册不足 2 小时的账户下单 150 元及以上",
+            "en": "An account under two hours old ordering 150 or more",
+        },
+    },
+    {
         "code": "guest_big",
         "priority": 41,
         "action": "review",
