@@ -931,6 +931,7 @@ def _kameng() -> SimpleNamespace:
     from kameng.payments.port import Confirmation
     from kameng.resellers import service as resellers
     from kameng.resellers.models import Reseller
+    from kameng.risk import lists as risk_lists
     from kameng.risk import service as risk
     from kameng.risk.models import RuleSetStatus
 
@@ -953,6 +954,7 @@ def _kameng() -> SimpleNamespace:
         checkout=checkout,
         order_screening=order_screening,
         orders=orders,
+        risk_lists=risk_lists,
         Order=Order,
         payments=payments,
         PaymentPurpose=PaymentPurpose,
@@ -1031,7 +1033,7 @@ class Platform:
             )
             self.gateway = k.payments.get_gateway(conn, code=GATEWAY)
             for entry in ds.proxy_list:
-                k.risk.add_list_entry(
+                k.risk_lists.add_list_entry(
                     conn,
                     which="proxy",
                     kind="ip",

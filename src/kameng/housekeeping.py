@@ -18,7 +18,7 @@ from kameng.idempotency import service as idem
 from kameng.members import service as members
 from kameng.pipeline import outbox
 from kameng.resellers import service as resellers
-from kameng.risk import service as risk
+from kameng.risk import records as risk_records
 from kameng.suppliers import service as suppliers
 
 IDEMPOTENCY_RETENTION = timedelta(days=7)
@@ -37,7 +37,7 @@ def prune(container: Container) -> dict[str, int]:
         events = suppliers.prune_events(conn, older_than=now - EVENT_RETENTION)
         sent = outbox.prune_sent(conn, older_than=now - EVENT_RETENTION)
         sessions = members.prune_sessions(conn, now=now)
-        risk_rows = risk.prune(
+        risk_rows = risk_records.prune(
             conn,
             now=now,
             facts_days=container.settings.risk_facts_retention_days,

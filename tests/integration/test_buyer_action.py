@@ -257,6 +257,7 @@ def test_corrected_information_is_screened_again(rig: Rig) -> None:
     """A refused account swapped for one the rules would flag: the order goes to review (money
     still held) instead of to the supplier; swapped for a block-listed one, it is rejected and
     refunded."""
+    from kameng.risk import lists as risk_lists
     from kameng.risk import service as risk
     from kameng.risk.defaults import DEFAULT_RULES
     from kameng.risk.models import RuleSetStatus
@@ -277,7 +278,7 @@ def test_corrected_information_is_screened_again(rig: Rig) -> None:
         risk.activate(
             conn, version=saved.version, mode=RuleSetStatus.live, actor="t", now=c.clock()
         )
-        risk.add_list_entry(
+        risk_lists.add_list_entry(
             conn,
             which="block",
             kind="account",

@@ -45,6 +45,7 @@ from kameng.pipeline.worker import Worker
 from kameng.resellers import service as resellers
 from kameng.review import service as review
 from kameng.risk import backtest as risk_backtest
+from kameng.risk import lists as risk_lists
 from kameng.risk import service as risk
 from kameng.risk.attributes import parse_counter
 from kameng.risk.defaults import DEFAULT_RULES
@@ -139,7 +140,7 @@ class Shop:
 
     def listed(self, which: str, kind: str, value: str) -> str:
         with self.c.db.connect() as conn:
-            stored = risk.add_list_entry(
+            stored = risk_lists.add_list_entry(
                 conn,
                 which=which,
                 kind=kind,
@@ -153,7 +154,7 @@ class Shop:
 
     def unlisted(self, which: str, kind: str, value: str) -> bool:
         with self.c.db.connect() as conn:
-            gone = risk.remove_list_entry(
+            gone = risk_lists.remove_list_entry(
                 conn, which=which, kind=kind, value=value, actor="staff:admin", now=self.clock()
             )
         self.c.risk_engine.invalidate()

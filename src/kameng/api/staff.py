@@ -23,6 +23,8 @@ from kameng.orders import queries as order_queries
 from kameng.pipeline import review_actions
 from kameng.review import service as review
 from kameng.risk import backtest as risk_backtest
+from kameng.risk import lists as risk_lists
+from kameng.risk import records as risk_records
 from kameng.risk import service as risk
 from kameng.risk.models import RuleSetStatus
 from kameng.staff import service as staff_service
@@ -144,7 +146,7 @@ async def review_item(item_id: int, staff: StaffDep, container: ContainerDep) ->
                 "created_at": order.created_at.isoformat(),
             },
             "screenings": risk.screenings_of(conn, order_id=item.order_id),
-            "buyer_history": risk.buyer_history(conn, order_id=item.order_id),
+            "buyer_history": risk_records.buyer_history(conn, order_id=item.order_id),
         }
 
     return await _read(container, load)
@@ -303,7 +305,7 @@ async def lists(
     which: Annotated[str | None, Query(alias="list", max_length=8)] = None,
 ) -> dict[str, Any]:
     staff_service.require(staff, Role.reviewer)
-    return {"entries": await _read(container, lambda c: risk.list_entries(c, which=which))}
+    return {"entries": await _read(container, lambda c: risk_lists.list_entries(c, which=which))}
 
 
 @router.post("/risk/lists", status_code=201)
@@ -311,7 +313,7 @@ async def add_entry(body: ListEntryIn, staff: StaffDep, container: ContainerDep)
     staff_service.require(staff)
     value = await _write(
         container,
-        lambda c: risk.add_list_entry(
+        lambda c: risk_lists.add_list_entry(
             c,
             which=body.list,
             kind=body.kind,
@@ -332,7 +334,7 @@ async def remove_entry(
     staff_service.require(staff)
     removed = await _write(
         container,
-        lambda c: risk.remove_list_entry(
+        lambda c: risk_lists.remove_list_entry(
             c,
             which=body.list,
             kind=body.kind,

@@ -225,11 +225,11 @@ def run_backtest(
 
 @risk_app.command("lists")
 def lists(which: Annotated[str | None, typer.Option("--list")] = None) -> None:
-    from kameng.risk import service as risk
+    from kameng.risk import lists as risk_lists
 
     container = _container()
     with container.db.connect(write=False) as conn:
-        entries = risk.list_entries(conn, which=which)
+        entries = risk_lists.list_entries(conn, which=which)
     table = Table("list", "kind", "value", "note", "by", "at")
     for e in entries:
         table.add_row(e["list"], e["kind"], e["value"], e["note"], e["created_by"], e["created_at"])
@@ -246,11 +246,11 @@ def list_add(
 ) -> None:
     """Add to a list. Buyers are written r<reseller id>, m<member id> or g<browser id>; the
     proxy list takes IPs and networks (CIDR)."""
-    from kameng.risk import service as risk
+    from kameng.risk import lists as risk_lists
 
     container = _container()
     with container.db.connect() as conn:
-        stored = risk.add_list_entry(
+        stored = risk_lists.add_list_entry(
             conn,
             which=which,
             kind=kind,
@@ -264,11 +264,11 @@ def list_add(
 
 @risk_app.command("list-remove")
 def list_remove(which: str, kind: str, value: str, actor: ActorOpt = None) -> None:
-    from kameng.risk import service as risk
+    from kameng.risk import lists as risk_lists
 
     container = _container()
     with container.db.connect() as conn:
-        gone = risk.remove_list_entry(
+        gone = risk_lists.remove_list_entry(
             conn, which=which, kind=kind, value=value, actor=_actor(actor), now=container.clock()
         )
     console.print("removed" if gone else "not on that list")
@@ -322,7 +322,7 @@ def review_list(status: Annotated[str, typer.Option(help="open | approved | …"
 @review_app.command("show")
 def review_show(item_id: int) -> None:
     from kameng.review import service as review
-    from kameng.risk import service as risk
+    from kameng.risk import records as risk_records
 
     container = _container()
     now = container.clock()
@@ -332,7 +332,7 @@ def review_show(item_id: int) -> None:
             {
                 "item": item.as_json(now),
                 "decisions": review.decisions_of(conn, item_id=item_id),
-                "buyer_history": risk.buyer_history(conn, order_id=item.order_id),
+                "buyer_history": risk_records.buyer_history(conn, order_id=item.order_id),
             }
         )
 

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 
 from kameng.db import db_time, utcnow
 from kameng.risk import attributes
+from kameng.risk import lists as risk_lists
 from kameng.risk import service as risk
 from kameng.risk.attributes import Subject
 from kameng.risk.rules import Action, attributes_used, evaluate
@@ -133,7 +134,7 @@ def backtest(
 ) -> BacktestResult:
     rules = risk.check_rule_set(risk.get_rule_set(conn, version=version).rules)
     needed: frozenset[str] = frozenset().union(*(attributes_used(r.when) for r in rules))
-    lists = risk.load_lists(conn)
+    lists = risk_lists.load_lists(conn)
     result = BacktestResult(version=version)
     rows = conn.execute(
         text(_ORDERS),

@@ -9,26 +9,26 @@ the transaction that takes the payment, so an order is never paid and unscreened
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import Counter, Histogram
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 
 from kameng.audit import service as audit
 from kameng.db import MultiInsert, RawSQL, db_time, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.risk import attributes
+from kameng.risk import lists as risk_lists
 from kameng.risk.attributes import Lists, Subject
 from kameng.risk.defaults import DEFAULT_RULES
-from kameng.risk.models import ListKind, RiskListEntry, RiskRuleSet, RiskScreening, RuleSetStatus
+from kameng.risk.models import RiskListEntry, RiskRuleSet, RiskScreening, RuleSetStatus
 from kameng.risk.rules import (
     Action,
     Compiled,
@@ -215,128 +215,6 @@ def ensure_default_rules(conn: Connection, *, now: datetime) -> None:
     activate(conn, version=saved.version, mode=RuleSetStatus.live, actor="system", now=now)
 
 
-# -- lists ------------------------------------------------------------------------------------
-
-
-def _normalise_entry(which: ListKind, kind: str, value: str) -> str:
-    value = value.strip()
-    if which is ListKind.proxy:
-        if kind != "ip":
-            raise _bad("the proxy list holds IP addresses and networks only (kind ip)")
-        try:
-            if "/" in value:
-                return str(ipaddress.ip_network(value, strict=False))
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            raise _bad(f"not an IP address or network: {value[:60]}") from None
-    if kind not in LIST_KEYS:
-        raise _bad(f"list entries are one of {', '.join(LIST_KEYS)}")
-    if not value or len(value) > 200:
-        raise _bad("a list value is 1-200 characters")
-    if kind == "ip":
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            raise _bad(f"not an IP address: {value[:60]}") from None
-    return value.lower() if kind == "email" else value
-
-
-def add_list_entry(
-    conn: Connection, *, which: str, kind: str, value: str, note: str, actor: str, now: datetime
-) -> str:
-    try:
-        list_kind = ListKind(which)
-    except ValueError:
-        raise _bad("the lists are allow, block and proxy") from None
-    value = _normalise_entry(list_kind, kind, value)
-    exists = conn.execute(
-        select(_lists.c.id).where(
-            _lists.c.list == list_kind.value, _lists.c.kind == kind, _lists.c.value == value
-        )
-    ).first()
-    if exists is None:
-        conn.execute(
-            insert(_lists).values(
-                list=list_kind.value,
-                kind=kind,
-                value=value,
-                note=note[:500],
-                created_by=actor,
-                created_at=now,
-            )
-        )
-        audit.record_on(
-            conn,
-            actor=actor,
-            action="risk_list_added",
-            target_type="risk_list",
-            target_id=f"{list_kind.value}:{kind}",
-            now=now,
-            details={"value": value, "note": note[:200]},
-        )
-    return value
-
-
-def remove_list_entry(
-    conn: Connection, *, which: str, kind: str, value: str, actor: str, now: datetime
-) -> bool:
-    try:
-        list_kind = ListKind(which)
-    except ValueError:
-        raise _bad("the lists are allow, block and proxy") from None
-    value = _normalise_entry(list_kind, kind, value)
-    gone = conn.execute(
-        delete(_lists).where(
-            _lists.c.list == list_kind.value, _lists.c.kind == kind, _lists.c.value == value
-        )
-    ).rowcount
-    if gone:
-        audit.record_on(
-            conn,
-            actor=actor,
-            action="risk_list_removed",
-            target_type="risk_list",
-            target_id=f"{list_kind.value}:{kind}",
-            now=now,
-            details={"value": value},
-        )
-    return bool(gone)
-
-
-def list_entries(conn: Connection, *, which: str | None = None) -> list[dict[str, Any]]:
-    stmt = select(_lists).order_by(_lists.c.list, _lists.c.kind, _lists.c.value)
-    if which:
-        stmt = stmt.where(_lists.c.list == which)
-    return [
-        {
-            "list": r.list,
-            "kind": r.kind,
-            "value": r.value,
-            "note": r.note,
-            "created_by": r.created_by,
-            "created_at": r.created_at.isoformat(),
-        }
-        for r in conn.execute(stmt)
-    ]
-
-
-def load_lists(conn: Connection) -> Lists:
-    allow: set[tuple[str, str]] = set()
-    block: set[tuple[str, str]] = set()
-    proxy_ips: set[str] = set()
-    nets = []
-    for r in conn.execute(select(_lists.c.list, _lists.c.kind, _lists.c.value)):
-        if r.list == ListKind.allow.value:
-            allow.add((r.kind, r.value))
-        elif r.list == ListKind.block.value:
-            block.add((r.kind, r.value))
-        elif "/" in r.value:
-            nets.append(ipaddress.ip_network(r.value, strict=False))
-        else:
-            proxy_ips.add(r.value)
-    return Lists(frozenset(allow), frozenset(block), frozenset(proxy_ips), tuple(nets))
-
-
 # -- the engine: what screening needs, cached ---------------------------------------------------
 
 
@@ -420,7 +298,7 @@ class Engine:
             live=live_rules,
             shadow_version=int(shadow.version) if shadow is not None else None,
             shadow=shadow_rules,
-            lists=load_lists(conn),
+            lists=risk_lists.load_lists(conn),
             needed=needed,
             live_compiled=Compiled.of(live_rules),
             shadow_compiled=Compiled.of(shadow_rules) if shadow is not None else None,
@@ -640,89 +518,3 @@ def screenings_of(conn: Connection, *, order_id: int) -> list[dict[str, Any]]:
         }
         for r in rows
     ]
-
-
-_HISTORY = text(
-    "SELECT o.order_no, o.status, o.reason, o.amount_cents, o.currency, o.channel, "
-    "o.created_at, f.ip, f.account FROM risk_facts f JOIN orders o ON o.id = f.order_id "
-    "WHERE f.buyer = :buyer ORDER BY f.created_at DESC, f.order_id DESC LIMIT 20"
-)
-_HISTORY_SUMMARY = text(
-    "SELECT o.status, COUNT(*), SUM(o.amount_cents) FROM risk_facts f "
-    "JOIN orders o ON o.id = f.order_id WHERE f.buyer = :buyer GROUP BY o.status"
-)
-
-
-def buyer_history(conn: Connection, *, order_id: int) -> dict[str, Any]:
-    """What a reviewer needs to judge the buyer: their recent orders and how they ended."""
-    fact = conn.execute(
-        text("SELECT buyer, account, ip FROM risk_facts WHERE order_id = :oid"), {"oid": order_id}
-    ).first()
-    if fact is None:
-        return {"buyer": None, "recent": [], "by_status": {}}
-    recent = [
-        {
-            "order_no": r.order_no,
-            "status": r.status,
-            "reason": r.reason,
-            "amount_cents": int(r.amount_cents),
-            "currency": r.currency,
-            "channel": r.channel,
-            "created_at": r.created_at.isoformat()
-            if isinstance(r.created_at, datetime)
-            else str(r.created_at),
-            "ip": r.ip,
-            "account": r.account,
-        }
-        for r in conn.execute(_HISTORY, {"buyer": fact.buyer})
-    ]
-    by_status = {
-        str(r[0]): {"orders": int(r[1]), "amount_cents": int(r[2] or 0)}
-        for r in conn.execute(_HISTORY_SUMMARY, {"buyer": fact.buyer})
-    }
-    account_buyers = 0
-    if fact.account:
-        account_buyers = int(
-            conn.execute(
-                text("SELECT COUNT(DISTINCT buyer) FROM risk_facts WHERE account = :a"),
-                {"a": fact.account},
-            ).scalar_one()
-        )
-    return {
-        "buyer": fact.buyer,
-        "recent": recent,
-        "by_status": by_status,
-        "recharge_account_buyers": account_buyers,
-    }
-
-
-# -- retention ----------------------------------------------------------------------------------
-
-PRUNE_BATCH = 5000
-_PRUNE_FACTS = RawSQL(
-    "DELETE FROM risk_facts WHERE order_id IN (SELECT order_id FROM risk_facts "
-    f"WHERE created_at < :cut ORDER BY created_at LIMIT {PRUNE_BATCH})"
-)
-_PRUNE_SCREENINGS = RawSQL(
-    "DELETE FROM risk_screenings WHERE id IN (SELECT id FROM risk_screenings "
-    f"WHERE at < :cut ORDER BY at LIMIT {PRUNE_BATCH})"
-)
-
-
-def prune(
-    conn: Connection, *, now: datetime, facts_days: int, screenings_days: int
-) -> dict[str, int]:
-    """Drop facts and screening records past their retention, a batch per call (housekeeping
-    calls it every minute, so a backlog drains without one long lock). Facts are kept at least
-    a day longer than the longest counter window, whatever the setting says."""
-    facts_keep = max(
-        timedelta(days=facts_days), timedelta(seconds=attributes.MAX_WINDOW_S + 86_400)
-    )
-    screenings_keep = max(timedelta(days=screenings_days), timedelta(days=1))
-    facts = _PRUNE_FACTS.run(conn, {"cut": db_time(conn, now - facts_keep)})
-    screenings = _PRUNE_SCREENINGS.run(conn, {"cut": db_time(conn, now - screenings_keep)})
-    try:
-        return {"risk_facts": facts.rowcount, "risk_screenings": screenings.rowcount}
-    finally:
-        facts.close()
-        screenings.close()
