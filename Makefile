@@ -45,8 +45,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# One pytest worker per core (at most 4): each has its own throwaway PostgreSQL cluster and its
+# own SQLite files, so tests never share rows. `make test TEST_WORKERS=0` runs in one process.
+TEST_WORKERS ?= auto
 test: lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --maxprocesses 4
 
 bench: $(STAMP)
 	$(BIN)/python bench/stock_import.py
