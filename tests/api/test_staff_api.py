@@ -334,7 +334,11 @@ def test_a_reviewer_claims_and_approves_over_http(api: Api, shop: Shop) -> None:
     assert shown["screenings"][0]["attrs"]["ip_proxy"] is True
     assert shown["buyer_history"]["recent"][0]["ip"] == PROXY_IP
     # Every matching rule is on the record for the reviewer, the deciding one first.
-    assert [r["code"] for r in shown["item"]["reasons"]] == ["proxy_amount", "note_proxy"]
+    assert [r["code"] for r in shown["item"]["reasons"]] == [
+        "proxy_amount",
+        "proxy_young_member",
+        "note_proxy",
+    ]
 
     error_of(api("rita", "POST", f"/review/items/{item_id}/approve", {}), 409, "review_not_claimed")
     claimed = api.ok("rita", "POST", f"/review/items/{item_id}/claim")

@@ -472,6 +472,7 @@ def test_a_listed_proxy_network_with_an_amount_goes_to_review(shop: Shop) -> Non
     assert shop.listed("proxy", "ip", "198.51.100.99/24") == PROXY_NET  # stored as the network
     assert shop.listed("proxy", "ip", "2001:DB8:AB::/48") == "2001:db8:ab::/48"
     buyer = shop.member()
+    shop.clock.advance(31 * 86400)  # a month-old account: its VPN is its own business
 
     small = shop.place(buyer, cheap, ip=PROXY_IP)
     assert small.status.value == "delivered"  # a proxy alone only adds to the score
@@ -491,6 +492,15 @@ def test_a_listed_proxy_network_with_an_amount_goes_to_review(shop: Shop) -> Non
     # The same amount from an ordinary network is delivered.
     plain = shop.place(shop.member(), dear, ip="192.0.2.50")
     assert plain.status.value == "delivered"
+    # An account under a month old hiding behind a proxy is reviewed whatever the amount; at
+    # 30 days it is an old account again.
+    young = shop.member()
+    shop.clock.advance(30 * 86400 - 60)
+    hidden = shop.place(young, cheap, ip=PROXY_IP)
+    assert (hidden.status.value, hidden.reason) == ("review", "risk_review_network")
+    assert shop.live(hidden.order_id)["rule"] == "proxy_young_member"
+    shop.clock.advance(60)
+    assert shop.place(young, cheap, ip=PROXY_IP).status.value == "delivered"
     factories.assert_books_clean(shop.c)
 
 

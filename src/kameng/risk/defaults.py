@@ -224,6 +224,27 @@ DEFAULT_RULES: list[dict[str, Any]] = [
         },
     },
     {
+        # A VPN is normal for an old account; an account under a month old that hides where it
+        # is has neither history nor a place to vouch for it, whatever the amount.
+        "code": "proxy_young_member",
+        "priority": 51,
+        "action": "review",
+        "score": 150,
+        "category": "network",
+        "when": {
+            "all": [
+                WEB,
+                _cmp("ip_proxy", "==", True),
+                _cmp("buyer_kind", "==", "member"),
+                _cmp("account_age_s", "<", 30 * 86400),
+            ]
+        },
+        "explain": {
+            "zh-CN": "注册不足 30 天的账户通过代理网络下单",
+            "en": "An account under 30 days old ordering through a proxy",
+        },
+    },
+    {
         "code": "proxy_new_ip",
         "priority": 902,  # score only: a returning buyer's VPN changing exit is common
         "action": "allow",
