@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from kameng.db import table
+from kameng.db import RawSQL, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.orders.models import Order, OrderEvent, OrderLine
 from kameng.security.crypto import Vault
@@ -18,6 +18,16 @@ from kameng.security.crypto import Vault
 _order = table(Order)
 _line = table(OrderLine)
 _event = table(OrderEvent)
+_BACKORDER_WAITING = RawSQL(
+    "SELECT id FROM orders WHERE status = 'backordered' AND sku_id = :sku_id LIMIT 1"
+)
+
+
+def backorders_waiting(conn: Connection, *, sku_id: int) -> bool:
+    """Whether older orders wait for this SKU's keys: a newer order (placed, approved after
+    review, or held at screening) must not take keys ahead of them. One place asks it, so the
+    queue's rule cannot drift between the paths that claim keys."""
+    return _BACKORDER_WAITING.one(conn, {"sku_id": sku_id}) is not None
 
 
 def find_order(conn: Connection, *, order_no: str, reseller_id: int | None) -> Any:

@@ -19,10 +19,11 @@ from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind
 from kameng.catalog.service import SkuInfo
-from kameng.db import RawSQL, table
+from kameng.db import table
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
 from kameng.members.models import Member
+from kameng.orders import queries
 from kameng.orders.events import INSERT_EVENTS, Started, event_row
 from kameng.orders.state import Stage, Status
 from kameng.resellers.models import Reseller
@@ -35,7 +36,6 @@ from kameng.risk.rules import Action
 _fact = table(RiskFact)
 _member = table(Member)
 _reseller = table(Reseller)
-_QUEUED = RawSQL("SELECT id FROM orders WHERE status = 'backordered' AND sku_id = :sku_id LIMIT 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +234,8 @@ def divert(
     )
     deadline = screened.review_deadline
     assert deadline is not None
-    if sku.delivery_kind == DeliveryKind.card_key.value and not _QUEUED.one(
-        conn, {"sku_id": sku.id}
+    if sku.delivery_kind == DeliveryKind.card_key.value and not queries.backorders_waiting(
+        conn, sku_id=sku.id
     ):
         # Keys are set aside (not sold) so an approval can deliver at once.
         inventory.claim(conn, sku_id=sku.id, quantity=quantity, line_id=line_id, now=now, hold=True)

@@ -24,7 +24,7 @@ from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
 from kameng.ledger.models import Account
-from kameng.orders import screening
+from kameng.orders import queries, screening
 from kameng.orders.events import INSERT_EVENTS, Started, event_row
 from kameng.orders.models import Delivery, Order, OrderEvent, OrderLine
 from kameng.orders.numbers import new_lookup_secret, new_order_no
@@ -72,9 +72,6 @@ _INSERT_ORDER_AND_LINE_PG = RawSQL(
 _INSERT_LINE = RawSQL(
     "INSERT INTO order_lines (order_id, sku_id, quantity, unit_price_cents, fields) "
     "VALUES (:order_id, :sku_id, :quantity, :unit_price_cents, :fields) RETURNING id"
-)
-_QUEUE_EXISTS = RawSQL(
-    "SELECT id FROM orders WHERE status = 'backordered' AND sku_id = :sku_id LIMIT 1"
 )
 _INSERT_DELIVERY = RawSQL(
     "INSERT INTO deliveries (order_line_id, source, key_count, delivered_at) "
@@ -290,7 +287,7 @@ def start_fulfilment(
     if sku.delivery_kind == DeliveryKind.card_key.value:
         # Restocks never jump the queue: with orders already waiting for this SKU, a new one
         # waits behind them instead of taking keys that arrived for them.
-        queued = _QUEUE_EXISTS.one(conn, {"sku_id": sku.id}) is not None
+        queued = queries.backorders_waiting(conn, sku_id=sku.id)
         if not queued:
             claimed = inventory.claim(
                 conn, sku_id=sku.id, quantity=quantity, line_id=line_id, now=now

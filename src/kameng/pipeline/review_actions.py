@@ -23,7 +23,7 @@ from kameng.db import notify_due, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
-from kameng.orders import fulfil
+from kameng.orders import fulfil, queries
 from kameng.orders.models import Order
 from kameng.orders.state import Stage, Status
 from kameng.pipeline import apply
@@ -47,17 +47,6 @@ DECISIONS = Counter("kameng_review_decisions_total", "Review decisions, by outco
 SLA_ACTOR = "system:review_sla"
 
 
-def _queued(conn: Connection, *, sku_id: int) -> bool:
-    return (
-        conn.execute(
-            select(_order.c.id)
-            .where(_order.c.status == Status.backordered.value, _order.c.sku_id == sku_id)
-            .limit(1)
-        ).first()
-        is not None
-    )
-
-
 def _loaded(conn: Connection, order_id: int) -> fulfil.Loaded:
     loaded = fulfil.load(conn, order_id=order_id)
     if loaded is None:
@@ -79,7 +68,7 @@ def resume(
     deadline = now + timedelta(seconds=fulfil_sla_s)
     if loaded.delivery_kind == DeliveryKind.card_key.value:
         held = inventory.held_count(conn, line_id=line.id)
-        if held < line.quantity and not _queued(conn, sku_id=order.sku_id):
+        if held < line.quantity and not queries.backorders_waiting(conn, sku_id=order.sku_id):
             # No keys were set aside (stock was short at screening): take some now, unless
             # older orders are queued for this SKU — an approval does not jump the queue.
             inventory.held_to_stock(conn, line_id=line.id)
