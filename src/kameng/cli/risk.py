@@ -123,6 +123,19 @@ def rules_show(version: int) -> None:
     print(json.dumps(found.rules, ensure_ascii=False, indent=2))
 
 
+@risk_app.command("bundled")
+def rules_bundled() -> None:
+    """Print the rule set this release ships, as JSON.
+
+    An installation keeps the rules it runs: a newer release's defaults reach it only when staff
+    save them (`kameng risk bundled > rules.json`, `kameng risk save rules.json --activate
+    shadow`, then `shadow-report` before making them live), so an upgrade never changes live
+    decisions by itself."""
+    from kameng.risk.defaults import DEFAULT_RULES
+
+    print(json.dumps(DEFAULT_RULES, ensure_ascii=False, indent=2))
+
+
 @risk_app.command("save")
 def rules_save(
     path: Annotated[Path, typer.Argument(help="A JSON file: a list of rules")],
