@@ -1479,8 +1479,9 @@ def evaluate_run(ds: Dataset, res: RunResult, rules: list[dict[str, Any]]) -> Sc
     print(f"legit flagged, by deciding rule: {dict(fp_by_rule.most_common())}")
     print(f"fraud allowed, by family: {dict(fn_families.most_common())}")
     # An attack's first paid order has nothing before it to count: screening at order time
-    # sees a fresh guest or a first payer, exactly like a legit one. How many misses are those
-    # says how far recall is from what order-time screening can reach on this data set.
+    # sees a fresh guest or a first payer, like a legit one (a small proxy order also looks like
+    # a VPN user's). How many misses are those says how far recall is from what order-time
+    # screening can reach on this data set.
     first_of_incident: set[int] = set()
     seen_incidents: set[str] = set()
     for i, o in sorted(counted, key=lambda io: io[1].at):
@@ -1491,8 +1492,8 @@ def evaluate_run(ds: Dataset, res: RunResult, rules: list[dict[str, Any]]) -> Sc
     missed = sum(fn_families.values())
     later_flagged = fraud_flagged - (len(first_of_incident) - missed_first)
     print(
-        f"fraud allowed that opened their incident (nothing earlier to see): "
-        f"{missed_first} of {missed}; recall on the other fraud orders "
+        f"fraud allowed that was its attack's first order: {missed_first} of {missed}; "
+        f"recall on the attacks' later orders "
         f"{_fmt_pct(later_flagged, fraud - len(first_of_incident))}"
     )
     print()
