@@ -1125,3 +1125,67 @@ def test_housekeeping_prunes_risk_records_past_their_retention(any_shop: Shop) -
     assert housekeeping.prune(shop.c)["risk_facts"] == 0
     assert start < shop.clock()
     assert old.order_id not in kept
+
+
+def test_a_counter_reads_at_most_the_newest_facts_of_a_key(
+    any_shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exact while the window holds no more than the cap; saturated at the cap beyond it, so a
+    very busy key costs a bounded scan. Whether an IP is new for the buyer is read the same way."""
+    from kameng.risk import attributes
+
+    shop = any_shop
+    sku = factories.add_product(shop.c, price_cents=1_000, stock=12)
+    monkeypatch.setattr(attributes, "SCAN_CAP", 3)
+    placed = [shop.place(shop.member(), sku, ip="203.0.113.77") for _ in range(5)]
+    counts = [shop.live(p.order_id)["attrs"]["ip_orders_1h"] for p in placed]
+    assert counts == [1, 2, 3, 3, 3]
+
+    regular = shop.member()
+    for ip in ("198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4"):
+        shop.place(regular, sku, ip=ip)
+    # The first IP is among the buyer's facts, but not among the newest three.
+    back = shop.live(shop.place(regular, sku, ip="198.51.100.1").order_id)["attrs"]
+    assert back["ip_new_for_buyer"] is True
+    monkeypatch.setattr(attributes, "SCAN_CAP", 10_000)
+    again = shop.live(shop.place(regular, sku, ip="198.51.100.1").order_id)["attrs"]
+    assert again["ip_new_for_buyer"] is False
+    factories.assert_books_clean(shop.c)
+
+
+def test_live_screening_reads_the_buyers_history_as_a_backtest_does(any_shop: Shop) -> None:
+    """`ip_new_for_buyer` and `buyer_seen_before` come from the buyer's stored facts: live
+    screening must gather them whenever a rule could still use them (a backtest always does),
+    or rules on them never match live."""
+    shop = any_shop
+    sku = factories.add_product(shop.c, price_cents=25_000, stock=5)
+    with shop.c.db.unit_of_work() as session:
+        session.execute(
+            text(
+                "UPDATE products SET risk_level = 3 WHERE id = "
+                "(SELECT product_id FROM skus WHERE code = :code)"
+            ),
+            {"code": sku},
+        )
+    shop.c.invalidate_caches()
+    buyer = shop.member()
+    shop.clock.advance(10 * 86400)  # no new-account rule in the way
+
+    first = shop.place(buyer, sku, ip="203.0.113.10")
+    row = shop.live(first.order_id)
+    assert first.status.value == "delivered"
+    assert (row["matched"], row["score"]) == (["risky_product_first_order"], 100)
+    assert (row["attrs"]["buyer_seen_before"], "ip_new_for_buyer" in row["attrs"]) == (False, False)
+
+    second = shop.place(buyer, sku, ip="203.0.113.10")
+    row = shop.live(second.order_id)
+    assert second.status.value == "delivered"  # seen before: no longer a first order
+    assert (row["attrs"]["buyer_seen_before"], row["attrs"]["ip_new_for_buyer"]) == (True, False)
+    assert (row["matched"], row["score"]) == ([], 0)
+
+    moved = shop.place(buyer, sku, ip="198.51.100.20")
+    row = shop.live(moved.order_id)
+    assert moved.status.value == "delivered"
+    assert row["attrs"]["ip_new_for_buyer"] is True
+    assert (row["matched"], row["score"]) == (["note_new_ip"], 10)
+    factories.assert_books_clean(shop.c)

@@ -92,6 +92,8 @@ def test_static_attributes_are_known_and_counters_are_not_static() -> None:
     for name in attributes.STATIC_ATTRS:
         assert known_attr(name)
         assert parse_counter(name) is None
+    for name in attributes.HISTORY_ATTRS:
+        assert known_attr(name) and name not in attributes.STATIC_ATTRS
     assert not known_attr("amount")  # close to amount_cents, but not it
     assert not known_attr("ip_new")
 
@@ -406,4 +408,4 @@ def test_the_bundled_rules_read_these_counters() -> None:
         "buyer_failed_24h",
         "ip_failed_1h",
     }
-    assert used - counters <= attributes.STATIC_ATTRS
+    assert used - counters <= attributes.STATIC_ATTRS | attributes.HISTORY_ATTRS

@@ -12,6 +12,11 @@ uses them, so a rule set pays for what it asks:
 Every counter of one key is one statement: an index range scan of `(key, created_at)` over the
 longest window, with a conditional aggregate per window. The order being screened is counted
 (its facts are written first), so `ip_orders_1h >= 5` means "this is at least the fifth".
+
+A scan reads at most the newest `SCAN_CAP` facts of a key, so one very busy key (a carrier NAT
+address, a 90-day window) cannot make every order behind it slow. A counter is exact while its
+window holds at most `SCAN_CAP` facts; beyond that it reads what the newest `SCAN_CAP` give,
+which is still at least the cap for `orders`, far above any sensible threshold.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from sqlalchemy.engine import Connection
 from kameng.db import RawSQL, db_time
 
 KEYS = ("buyer", "ip", "account", "device", "email")
+SCAN_CAP = 10_000  # facts read per key and screening (see the module docstring)
 METRICS = ("orders", "amount", "failed", "buyers")
 _COUNTER = re.compile(
     r"^(buyer|ip|account|device|email)_(orders|amount|failed|buyers)_(\d{1,4})(m|h|d)$"
@@ -46,8 +52,6 @@ STATIC_ATTRS = frozenset(
         "channel",
         "buyer_kind",
         "account_age_s",
-        "ip_new_for_buyer",
-        "buyer_seen_before",
         "ip_proxy",
         "listed_allow",
         "listed_block",
@@ -76,7 +80,12 @@ def parse_counter(name: str) -> Counter | None:
 
 
 def known_attr(name: str) -> bool:
-    return name in STATIC_ATTRS or parse_counter(name) is not None
+    return name in STATIC_ATTRS or name in HISTORY_ATTRS or parse_counter(name) is not None
+
+
+# Attributes read from the buyer's stored facts (one query), computed only when a rule that could
+# still match needs them, like counters. They are not static: screening must not assume them.
+HISTORY_ATTRS = frozenset({"ip_new_for_buyer", "buyer_seen_before"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +156,9 @@ def _statement(key: str, wanted: tuple[tuple[str, int], ...]) -> RawSQL:
         else:
             parts.append(f"COUNT(DISTINCT CASE WHEN {inside} THEN buyer END)")
     sql = (
-        f"SELECT {', '.join(parts)} FROM risk_facts "
-        f"WHERE {key} = :v AND created_at >= :since AND created_at <= :now"
+        f"SELECT {', '.join(parts)} FROM (SELECT created_at, amount_cents, failed, buyer "
+        f"FROM risk_facts WHERE {key} = :v AND created_at >= :since AND created_at <= :now "
+        "ORDER BY created_at DESC LIMIT :cap) AS f"
     )
     return _STATEMENTS.setdefault((key, wanted), RawSQL(sql))
 
@@ -172,6 +182,7 @@ def count(
             "v": value,
             "since": db_time(conn, now - timedelta(seconds=max(w for _, w in wanted))),
             "now": db_time(conn, now),
+            "cap": SCAN_CAP,
         }
         for i, (_, window_s) in enumerate(wanted):
             params[f"s{i}"] = db_time(conn, now - timedelta(seconds=window_s))
@@ -182,8 +193,9 @@ def count(
 
 
 _SEEN = RawSQL(
-    "SELECT COUNT(*), SUM(CASE WHEN ip = :ip THEN 1 ELSE 0 END) FROM risk_facts "
-    "WHERE buyer = :buyer AND created_at >= :since AND created_at <= :now AND order_id <> :oid"
+    "SELECT COUNT(*), SUM(CASE WHEN ip = :ip THEN 1 ELSE 0 END) FROM (SELECT ip FROM risk_facts "
+    "WHERE buyer = :buyer AND created_at >= :since AND created_at <= :now AND order_id <> :oid "
+    "ORDER BY created_at DESC LIMIT :cap) AS f"
 )
 
 
@@ -197,6 +209,7 @@ def buyer_history(conn: Connection, *, subject: Subject, now: datetime) -> dict[
             "since": db_time(conn, now - timedelta(seconds=MAX_WINDOW_S)),
             "now": db_time(conn, now),
             "oid": subject.order_id,
+            "cap": SCAN_CAP,
         },
     )
     before, same_ip = int(row[0] or 0), int(row[1] or 0)
@@ -269,6 +282,6 @@ def gather(
     counters = [c for c in (parse_counter(n) for n in needed) if c is not None]
     if counters:
         attrs.update(count(conn, subject=subject, counters=counters, now=now))
-    if needed & {"ip_new_for_buyer", "buyer_seen_before"}:
+    if needed & HISTORY_ATTRS:
         attrs.update(buyer_history(conn, subject=subject, now=now))
     return attrs

@@ -388,7 +388,7 @@ def serialise_counters(
         return
     needed = needed_for(loaded or engine.current(conn), subject, now)
     keys = {c.key for c in (attributes.parse_counter(n) for n in needed) if c}
-    if needed & {"ip_new_for_buyer", "buyer_seen_before"}:
+    if needed & attributes.HISTORY_ATTRS:
         keys.add("buyer")
     ids = sorted(
         {
