@@ -7,11 +7,12 @@ The same services as the staff JSON API; the CLI acts as the staff member named 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kameng.cli.base import ActorOpt, _actor, _container, app, console
@@ -83,7 +84,9 @@ def staff_list() -> None:
         rows = staff.list_staff(conn)
     table = Table("name", "role", "disabled", "created")
     for r in rows:
-        table.add_row(str(r["name"]), str(r["role"]), str(r["disabled"]), str(r["created_at"]))
+        table.add_row(
+            escape(str(r["name"])), str(r["role"]), str(r["disabled"]), str(r["created_at"])
+        )
     console.print(table)
 
 
@@ -104,10 +107,10 @@ def rules_list() -> None:
             str(s.version),
             s.status,
             str(len(s.rules)),
-            s.created_by,
+            escape(s.created_by),
             s.created_at.isoformat(timespec="seconds"),
             s.activated_at.isoformat(timespec="seconds") if s.activated_at else "",
-            s.note[:40],
+            escape(s.note[:40]),
         )
     console.print(table)
 
@@ -217,16 +220,21 @@ def run_backtest(
     limit: int = 5000,
 ) -> None:
     """Replay a rule set over stored orders: flagged and blocked counts, and the false-positive
-    rate where reviewers decided (flagged then approved ÷ flagged and reviewed)."""
+    rate where reviewers decided (flagged then approved ÷ flagged and reviewed). Times without
+    a zone are UTC."""
+    from kameng.errors import ErrorCode, KamengError
     from kameng.risk import backtest
 
     def when(value: str | None) -> datetime | None:
         if value is None:
             return None
-        parsed = datetime.fromisoformat(value)
-        return (
-            parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.now().astimezone().tzinfo)
-        )
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise KamengError(
+                ErrorCode.invalid_request, detail=f"not an ISO date/time: {value!r}"
+            ) from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
     container = _container()
     with container.db.connect(write=False) as conn:
@@ -245,7 +253,10 @@ def lists(which: Annotated[str | None, typer.Option("--list")] = None) -> None:
         entries = risk_lists.list_entries(conn, which=which)
     table = Table("list", "kind", "value", "note", "by", "at")
     for e in entries:
-        table.add_row(e["list"], e["kind"], e["value"], e["note"], e["created_by"], e["created_at"])
+        table.add_row(
+            *(escape(str(e[k])) for k in ("list", "kind", "value", "note", "created_by")),
+            e["created_at"],
+        )
     console.print(table)
 
 
@@ -272,7 +283,7 @@ def list_add(
             actor=_actor(actor),
             now=container.clock(),
         )
-    console.print(f"{which} {kind} {stored}")
+    console.print(escape(f"{which} {kind} {stored}"))
 
 
 @risk_app.command("list-remove")
@@ -322,7 +333,7 @@ def review_list(status: Annotated[str, typer.Option(help="open | approved | …"
             f"{i.amount_cents / 100:.2f} {i.currency}",
             f"{int((now - i.opened_at).total_seconds()) // 60} min",
             i.sla_deadline.isoformat(timespec="seconds"),
-            i.holder(now),
+            escape(i.holder(now)),
         )
     console.print(table)
     console.print(
@@ -371,6 +382,7 @@ def review_approve(item_id: int, note: str = "", actor: ActorOpt = None) -> None
     from kameng.pipeline import review_actions
 
     container = _container()
+    accounts = container.accounts  # may write on first use: before the decision's transaction
     with container.db.connect() as conn:
         result = review_actions.approve(
             conn,
@@ -378,7 +390,7 @@ def review_approve(item_id: int, note: str = "", actor: ActorOpt = None) -> None
             reviewer=_actor(actor),
             note=note,
             policy=container.review_policy,
-            accounts=container.accounts,
+            accounts=accounts,
             fulfil_sla_s=container.settings.default_sla_s,
             now=container.clock(),
         )
@@ -394,13 +406,14 @@ def review_reject(
     from kameng.pipeline import review_actions
 
     container = _container()
+    accounts = container.accounts  # may write on first use: before the decision's transaction
     with container.db.connect() as conn:
         result = review_actions.reject(
             conn,
             item_id=item_id,
             reviewer=_actor(actor),
             note=note,
-            accounts=container.accounts,
+            accounts=accounts,
             now=container.clock(),
         )
     _json(result)

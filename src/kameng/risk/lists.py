@@ -117,7 +117,10 @@ def remove_list_entry(
 def list_entries(conn: Connection, *, which: str | None = None) -> list[dict[str, Any]]:
     stmt = select(_lists).order_by(_lists.c.list, _lists.c.kind, _lists.c.value)
     if which:
-        stmt = stmt.where(_lists.c.list == which)
+        try:
+            stmt = stmt.where(_lists.c.list == ListKind(which).value)
+        except ValueError:
+            raise _bad("the lists are allow, block and proxy") from None
     return [
         {
             "list": r.list,

@@ -63,6 +63,12 @@ def _bad(detail: str) -> KamengError:
 def check_rule_set(raw: Any) -> list[Rule]:
     """Parse a rule set and check that every attribute it reads is one screening provides."""
     rules = parse_rules(raw)
+    if not rules:
+        # Made live, an empty set would allow every order while screening looked switched on.
+        raise _bad(
+            "a rule set needs at least one rule "
+            "(to stop screening, set KAMENG_RISK_SCREENING=false)"
+        )
     for rule in rules:
         unknown = sorted(a for a in attributes_used(rule.when) if not attributes.known_attr(a))
         if unknown:
