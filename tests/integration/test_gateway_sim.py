@@ -248,6 +248,8 @@ def test_currency_and_a_notify_url_with_its_own_query(shop: Merchant, receiver: 
     assert notify.params["currency"] == "CNY" and notify.params["money"] == "0.01"
     assert epay.verify(notify.params, KEY)
     assert shop.api("order", out_trade_no="T-CUR")["currency"] == "CNY"
+    # The simulator records an attempt once the receiver has answered: wait for the record.
+    wait_until(lambda: shop.trade("T-CUR")["notify_state"] == "acked")
     assert shop.trade("T-CUR")["notify_attempts"][0]["url"] == receiver.url("cur")
 
 
@@ -362,6 +364,7 @@ def test_duplicate_mode_sends_extra_copies(shop: Merchant, receiver: Receiver) -
     time.sleep(0.1)
     assert len(receiver.got("twice")) == 3
     assert all(c.params == copies[0].params and epay.verify(c.params, KEY) for c in copies)
+    wait_until(lambda: len(shop.trade("T-TWICE")["notify_attempts"]) >= 3)
     kinds = [a["kind"] for a in shop.trade("T-TWICE")["notify_attempts"]]
     assert kinds == ["notify", "duplicate", "duplicate"]
 

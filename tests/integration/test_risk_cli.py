@@ -106,7 +106,11 @@ def cli(db_container: Container, monkeypatch: pytest.MonkeyPatch) -> Cli:
     for key, value in cli_env(db_container).items():
         if key.startswith("KAMENG_"):
             monkeypatch.setenv(key, value)
-    monkeypatch.setenv("COLUMNS", "200")  # one line per table row, as on a wide terminal
+    # One line per table row, as on a wide terminal. The console's width is fixed when it is
+    # made if COLUMNS is set then (pytest-xdist workers set it to 80), so set the width itself.
+    from kameng.cli.base import console
+
+    monkeypatch.setattr(console, "_width", 200)
     return Cli(db_container)
 
 
