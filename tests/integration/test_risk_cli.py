@@ -175,6 +175,20 @@ def test_staff_rotate_disable_and_list(cli: Cli) -> None:
     changed = [("staff:boss", "staff_token_rotated", "alice"), (ME, "staff_disabled", "bob")]
     assert cli.audit("staff")[2:] == changed
 
+    # Rotating a disabled member's token is how access comes back, and it says so.
+    back = cli.ok("staff", "rotate", "bob")
+    [fresh] = TOKEN.findall(back)
+    assert back.endswith("bob was disabled and is enabled again with this token\n")
+    assert authenticate(cli.c, fresh) == ("bob", "reviewer")
+    assert cli.rows("SELECT disabled FROM staff WHERE name = 'bob'") == [(False,)]
+    details = cli.rows(
+        "SELECT details FROM audit_log WHERE action = 'staff_token_rotated' ORDER BY id"
+    )
+    assert [json.loads(d) if isinstance(d, str) else d for (d,) in details] == [
+        {"re_enabled": False},
+        {"re_enabled": True},
+    ]
+
 
 # -- risk rules -----------------------------------------------------------------------------------
 

@@ -56,13 +56,17 @@ def staff_add(
 
 @staff_app.command("rotate")
 def staff_rotate(name: str, actor: ActorOpt = None) -> None:
-    """Give a staff member a new token (the old one stops working at once)."""
+    """Give a staff member a new token (the old one stops working at once). A disabled member
+    is enabled again: rotating is how access comes back."""
     from kameng.staff import service as staff
 
     container = _container()
     with container.db.connect() as conn:
+        was_disabled = any(r["name"] == name and r["disabled"] for r in staff.list_staff(conn))
         token = staff.rotate(conn, name=name, actor=_actor(actor), now=container.clock())
     console.print(f"new token for [bold]{name}[/bold]: {token}")
+    if was_disabled:
+        console.print(f"{name} was disabled and is enabled again with this token")
 
 
 @staff_app.command("disable")

@@ -74,12 +74,15 @@ def create(conn: Connection, *, name: str, role: str, actor: str, now: datetime)
 
 
 def rotate(conn: Connection, *, name: str, actor: str, now: datetime) -> str:
+    """A new token; the old one stops working at once. Rotating is also how a disabled member
+    gets access back, so the audit row says whether it enabled them again."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    changed = conn.execute(
-        update(_staff).where(_staff.c.name == name).values(token_hash=_hash(token), disabled=False)
-    ).rowcount
-    if not changed:
+    was = conn.execute(select(_staff.c.disabled).where(_staff.c.name == name)).first()
+    if was is None:
         raise KamengError(ErrorCode.not_found)
+    conn.execute(
+        update(_staff).where(_staff.c.name == name).values(token_hash=_hash(token), disabled=False)
+    )
     audit.record_on(
         conn,
         actor=actor,
@@ -87,6 +90,7 @@ def rotate(conn: Connection, *, name: str, actor: str, now: datetime) -> str:
         target_type="staff",
         target_id=name,
         now=now,
+        details={"re_enabled": bool(was.disabled)},
     )
     return token
 
