@@ -269,7 +269,7 @@ def seed_staff(container: Container) -> str:
     with container.db.connect() as conn:
         now = container.clock()
         if any(r["name"] == DEMO_STAFF for r in staff.list_staff(conn)):
-            return staff.rotate(conn, name=DEMO_STAFF, actor="system:demo", now=now)
+            return staff.rotate(conn, name=DEMO_STAFF, actor="system:demo", now=now).token
         return staff.create(conn, name=DEMO_STAFF, role="admin", actor="system:demo", now=now)
 
 

@@ -134,7 +134,7 @@ def test_a_missing_or_invalid_token_is_refused_in_both_languages(
 
 def test_a_disabled_token_stops_working(api: Api, shop: Shop, tokens: dict[str, str]) -> None:
     with shop.c.db.connect() as conn:
-        token = staff.rotate(conn, name="gone", actor="staff:setup", now=shop.clock())
+        token = staff.rotate(conn, name="gone", actor="staff:setup", now=shop.clock()).token
     assert api(token, "GET", "/review/figures").status_code == 200
     with shop.c.db.connect() as conn:
         staff.disable(conn, name="gone", actor="staff:setup", now=shop.clock())

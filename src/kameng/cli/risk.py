@@ -62,10 +62,9 @@ def staff_rotate(name: str, actor: ActorOpt = None) -> None:
 
     container = _container()
     with container.db.connect() as conn:
-        was_disabled = any(r["name"] == name and r["disabled"] for r in staff.list_staff(conn))
-        token = staff.rotate(conn, name=name, actor=_actor(actor), now=container.clock())
-    console.print(f"new token for [bold]{name}[/bold]: {token}")
-    if was_disabled:
+        rotated = staff.rotate(conn, name=name, actor=_actor(actor), now=container.clock())
+    console.print(f"new token for [bold]{name}[/bold]: {rotated.token}")
+    if rotated.re_enabled:
         console.print(f"{name} was disabled and is enabled again with this token")
 
 

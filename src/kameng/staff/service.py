@@ -73,7 +73,13 @@ def create(conn: Connection, *, name: str, role: str, actor: str, now: datetime)
     return token
 
 
-def rotate(conn: Connection, *, name: str, actor: str, now: datetime) -> str:
+@dataclass(frozen=True, slots=True)
+class Rotated:
+    token: str
+    re_enabled: bool  # the member was disabled: this token gives their access back
+
+
+def rotate(conn: Connection, *, name: str, actor: str, now: datetime) -> Rotated:
     """A new token; the old one stops working at once. Rotating is also how a disabled member
     gets access back, so the audit row says whether it enabled them again."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -92,7 +98,7 @@ def rotate(conn: Connection, *, name: str, actor: str, now: datetime) -> str:
         now=now,
         details={"re_enabled": bool(was.disabled)},
     )
-    return token
+    return Rotated(token, bool(was.disabled))
 
 
 def disable(conn: Connection, *, name: str, actor: str, now: datetime) -> None:
