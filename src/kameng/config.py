@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     supplier_poll_s: int = Field(default=30, description="First poll after a supplier accepts")
     supplier_retry_cap_s: int = Field(default=300, description="Longest wait between retries")
     supplier_balance_check_s: int = 60
+    supplier_reconcile_s: int = Field(
+        default=3600,
+        description="How often the worker reconciles each supplier's record of purchases "
+        "against ours (0: never); each run covers the last supplier_reconcile_days",
+    )
+    supplier_reconcile_days: int = Field(default=2, ge=1, le=90)
     # Payments and the storefront (issue: payments).
     payment_window_s: int = Field(default=900, description="How long a buyer has to pay")
     payment_first_check_s: int = Field(
@@ -83,6 +89,11 @@ class Settings(BaseSettings):
     )
     checkouts_per_minute: int = Field(
         default=20, description="Storefront orders and top-ups started per IP per minute"
+    )
+    prechecks_per_minute: int = Field(
+        default=60,
+        description="Supplier pre-checks of buyer information per reseller per minute (API); "
+        "past it the order is placed unchecked, as when the supplier cannot answer",
     )
     # Risk screening and the review queue (issue: risk and review).
     risk_screening: bool = Field(default=True, description="Screen every paid order")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Annotated
+from datetime import timedelta
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
@@ -28,6 +29,21 @@ def supplier_add(
     name: Annotated[str | None, typer.Option()] = None,
     timeout_ms: Annotated[int, typer.Option(help="Per-request timeout")] = 10_000,
     low_balance: Annotated[str, typer.Option(help="Warn below this balance")] = "100.00",
+    request_ttl: Annotated[
+        int | None,
+        typer.Option(
+            help="Seconds after which they refuse a signed request (default: the protocol's, "
+            "300); see docs/suppliers.md",
+            min=1,
+        ),
+    ] = None,
+    dedup_window: Annotated[
+        str | None,
+        typer.Option(
+            help="How long they deduplicate on our out-trade-no: seconds, or 'forever' "
+            "(default: the protocol's)"
+        ),
+    ] = None,
     actor: ActorOpt = None,
 ) -> None:
     """Connect a supplier. The secret is stored sealed (AES-GCM), never in clear."""
@@ -38,6 +54,16 @@ def supplier_add(
     secret = secret or os.environ.get("KAMENG_SUPPLIER_SECRET")
     if not secret:
         raise KamengError(ErrorCode.invalid_request, detail="--secret or KAMENG_SUPPLIER_SECRET")
+    window: int | Literal["default"] | None = "default"
+    if dedup_window is not None:
+        if dedup_window == "forever":
+            window = None
+        elif dedup_window.isdigit():
+            window = int(dedup_window)
+        else:
+            raise KamengError(
+                ErrorCode.invalid_request, detail="--dedup-window: seconds, or 'forever'"
+            )
     container = _container()
     with container.db.unit_of_work() as session:
         supplier_id = suppliers.create_supplier(
@@ -51,6 +77,8 @@ def supplier_add(
             secret=secret,
             timeout_ms=timeout_ms,
             low_balance_cents=parse_amount(low_balance, allow_zero=True),
+            request_ttl_s=request_ttl,
+            dedup_window_s=window,
             now=container.clock(),
         )
         audit.record(
@@ -201,3 +229,176 @@ def supplier_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
             else f"{h.balance_cents / 100:.2f}" + (" LOW" if h.low_balance else ""),
         )
     console.print(table)
+
+
+@supplier_app.command("reconcile")
+def supplier_reconcile(
+    supplier: Annotated[
+        str | None, typer.Argument(help="Supplier code (default: all enabled)")
+    ] = None,
+    days: Annotated[int, typer.Option(help="Purchases made in the last N days", min=1)] = 7,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Compare each supplier's own record of our purchases with our procurements; list every
+    mismatch (charged_not_recorded, bought_twice, recorded_not_charged, amount_differs,
+    unchecked). Exit status 1 when there is any."""
+    from kameng.money import format_cents
+    from kameng.pipeline.registry import Adapters
+    from kameng.pipeline.supplier_checks import reconcile_suppliers
+
+    container = _container()
+    until = container.clock()
+    since = until - timedelta(days=days)
+    adapters = Adapters(container.vault)
+
+    async def run() -> list[Any]:
+        try:
+            return await reconcile_suppliers(
+                container, adapters.get, since=since, until=until, code=supplier
+            )
+        finally:
+            await adapters.aclose()
+
+    reports = asyncio.run(run())
+    found = [m for r in reports for m in r.mismatches]
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "checked": sum(r.checked for r in reports),
+                    "ok": all(r.ok for r in reports),
+                    "suppliers": [r.as_dict() for r in reports],
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        for r in reports:
+            counts = {k: v for k, v in r.counts().items() if v}
+            console.print(
+                f"{r.supplier}: checked {r.checked} purchase(s)"
+                + (f"; {sum(counts.values())} mismatch(es) {counts}" if counts else "; clean"),
+                markup=False,
+            )
+        if found:
+            table = Table(
+                "supplier",
+                "kind",
+                "out_trade_no",
+                "ours",
+                "theirs",
+                "we have",
+                "they have",
+                "detail",
+            )
+            for r in reports:
+                for m in r.mismatches:
+                    table.add_row(
+                        r.supplier,
+                        m.kind.value,
+                        m.out_trade_no,
+                        m.ours_state,
+                        m.supplier_status,
+                        "-" if m.our_cents is None else format_cents(m.our_cents),
+                        "-" if m.supplier_cents is None else format_cents(m.supplier_cents),
+                        m.detail,
+                    )
+            console.print(table)
+    if found:
+        err_console.print("supplier reconciliation found mismatches")
+        raise typer.Exit(1)
+
+
+@supplier_app.command("claims")
+def supplier_claims(
+    state: Annotated[
+        str | None, typer.Option(help="open | stocked | resolved (default: all)")
+    ] = None,
+    supplier: Annotated[str | None, typer.Option(help="Only this supplier")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Purchases that succeeded after their order line was served another way or refunded:
+    late keys went to stock (`stocked`); a late top-up is money to recover (`open`)."""
+    from kameng.money import format_cents
+    from kameng.orders import queries as order_queries
+    from kameng.suppliers import service as suppliers
+    from kameng.suppliers.models import ClaimState
+
+    if state is not None and state not in {s.value for s in ClaimState}:
+        raise KamengError(ErrorCode.invalid_request, detail=f"unknown claim state {state!r}")
+    container = _container()
+    with container.db.connect(write=False) as conn:
+        supplier_id = suppliers.supplier_by_code(conn, supplier).id if supplier else None
+        claims = suppliers.list_claims(conn, supplier_id=supplier_id, state=state)
+        order_nos = order_queries.order_numbers(conn, ids={c.order_id for c in claims})
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": c.id,
+                        "supplier": c.supplier,
+                        "out_trade_no": c.out_trade_no,
+                        "order_no": order_nos.get(c.order_id, ""),
+                        "kind": c.kind,
+                        "state": c.state,
+                        "amount": format_cents(c.amount_cents),
+                        "keys": c.keys_count,
+                        "created_at": c.created_at.isoformat(),
+                        "resolved_at": c.resolved_at.isoformat() if c.resolved_at else None,
+                        "resolved_by": c.resolved_by,
+                        "note": c.note,
+                    }
+                    for c in claims
+                ],
+                ensure_ascii=False,
+            )
+        )
+        return
+    table = Table(
+        "id", "supplier", "out_trade_no", "order", "kind", "state", "amount", "keys", "note"
+    )
+    for c in claims:
+        table.add_row(
+            str(c.id),
+            c.supplier,
+            c.out_trade_no,
+            order_nos.get(c.order_id, ""),
+            c.kind,
+            c.state,
+            format_cents(c.amount_cents),
+            str(c.keys_count),
+            c.note,
+        )
+    console.print(table)
+
+
+@supplier_app.command("claim-resolve")
+def supplier_claim_resolve(
+    claim_id: Annotated[int, typer.Argument(help="The claim's id (kameng supplier claims)")],
+    note: Annotated[str, typer.Option(help="How it was settled with the supplier")],
+    actor: ActorOpt = None,
+) -> None:
+    """Mark an overcharge settled (the supplier refunded or credited it, or it was written
+    off); audited."""
+    from kameng.audit import service as audit
+    from kameng.suppliers import service as suppliers
+
+    container = _container()
+    with container.db.unit_of_work() as session:
+        suppliers.resolve_claim(
+            session.connection(),
+            claim_id=claim_id,
+            actor=_actor(actor),
+            note=note,
+            now=container.clock(),
+        )
+        audit.record(
+            session,
+            actor=_actor(actor),
+            action="supplier.claim_resolve",
+            target_type="supplier_claim",
+            target_id=str(claim_id),
+            details={"note": note},
+        )
+    console.print(f"claim {claim_id} resolved")

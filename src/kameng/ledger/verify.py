@@ -144,6 +144,20 @@ STOCK_CHECKS: dict[str, str] = {
         SELECT order_line_id, COUNT(*) FROM procurements WHERE state <> 'rejected'
         GROUP BY order_line_id HAVING COUNT(*) > 1
     """,
+    # ... and at most one *charged* one, counting every row: a purchase refused, given up as
+    # never arrived or abandoned at the deadline whose success arrived late counts too.
+    "one_charged_purchase_per_line": """
+        SELECT order_line_id, COUNT(*) FROM procurements WHERE charged_at IS NOT NULL
+        GROUP BY order_line_id HAVING COUNT(*) > 1
+    """,
+    # A late success is never lost: its keys went to stock or its cost is a claim on record.
+    # (An abandoned purchase whose part was delivered to its order at the deadline served it.)
+    "late_successes_claimed": """
+        SELECT p.id, p.out_trade_no, p.state FROM procurements p
+        LEFT JOIN supplier_claims c ON c.procurement_id = p.id
+        WHERE p.charged_at IS NOT NULL AND c.id IS NULL
+          AND (p.state = 'rejected' OR (p.state = 'abandoned' AND p.keys_received = 0))
+    """,
     # A gateway payment is in the ledger exactly when it is paid, once, for the amount the
     # gateway reported (its own amount, unless staff accepted a different one).
     "payments_posted_once": """

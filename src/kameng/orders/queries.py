@@ -122,3 +122,11 @@ def order_by_id(conn: Connection, *, order_id: int) -> Any:
     if row is None:
         raise KamengError(ErrorCode.order_not_found)
     return row
+
+
+def order_numbers(conn: Connection, *, ids: set[int]) -> dict[int, str]:
+    """Order numbers by id, for listings that hold ids (supplier claims, staff reports)."""
+    if not ids:
+        return {}
+    rows = conn.execute(select(_order.c.id, _order.c.order_no).where(_order.c.id.in_(sorted(ids))))
+    return {int(r.id): str(r.order_no) for r in rows}

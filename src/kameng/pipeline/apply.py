@@ -146,14 +146,17 @@ def apply_result(
     via: str,
     latency_ms: int | None = None,
     resent: bool = False,
+    promises: suppliers.Promises | None = None,
 ) -> str:
     """Apply one answer about `procurement`. Returns a short label of what happened.
 
     Locks are always taken order first, then procurement (a callback and a poll racing on the
     same purchase would otherwise deadlock), and the procurement is read only once the order
     is locked, so an answer applied meanwhile by the other path is seen, never overwritten.
-    `resent` counts a re-sent purchase as one more attempt.
+    `resent` counts a re-sent purchase as one more attempt (and a new copy in flight).
+    `promises` are the supplier's (docs/suppliers.md): they decide what "not found" means.
     """
+    promises = promises or suppliers.Promises()
     loaded = fulfil.load(conn, order_id=procurement.order_id)
     if loaded is None or loaded.line is None:
         return "order_missing"
@@ -167,6 +170,13 @@ def apply_result(
     extra: dict[str, Any] = {}
     if resent:
         extra["attempts"] = proc.attempts + 1
+        extra["last_sent_at"] = now
+    if result.outcome in (Outcome.delivered, Outcome.partial) and proc.charged_at is None:
+        # They kept our money for it, whatever we make of the answer below (DESIGN §5.3).
+        extra["charged_at"] = now
+        extra["charged_cents"] = (
+            result.cost_cents if result.cost_cents is not None else proc.cost_cents
+        )
     if latency_ms is not None and proc.latency_ms is None:
         extra["latency_ms"] = latency_ms
     if result.trade_no and not proc.trade_no:
@@ -175,9 +185,16 @@ def apply_result(
     keys = [(k.code, k.secret) for k in result.keys]
 
     if state not in LIVE_STATES:
-        # Final already. Keys arriving for a line that no longer wants them (refunded at its
-        # deadline, or a duplicate purchase) are ours: put them on sale rather than lose them.
-        if keys and result.outcome in (Outcome.delivered, Outcome.partial):
+        # Final already. A success now, for a purchase we had given up on (refused, never
+        # arrived, abandoned at the deadline), is a late success: caught, never lost.
+        succeeded = result.outcome in (Outcome.delivered, Outcome.partial)
+        if succeeded and state is not ProcurementState.delivered:
+            return _late_success(
+                conn, vault, loaded=loaded, proc=proc, keys=keys, source=source, now=now, **extra
+            )
+        if keys and succeeded:
+            # A duplicate purchase's keys (or a repeat of delivered ones, refused by their
+            # fingerprints): ours, put on sale rather than lost.
             added = _keys_to_stock(conn, vault, order=order, keys=keys, source=source, now=now)
             if added:
                 log.warning("%d late key(s) for %s went to stock", added, proc.out_trade_no)
@@ -185,18 +202,22 @@ def apply_result(
         return "ignored_final"
 
     if Status(order.status) in TERMINAL or order.status == Status.delivered.value:
-        # The order ended (refunded at its deadline) while this purchase was open.
-        if keys:
-            _keys_to_stock(conn, vault, order=order, keys=keys, source=source, now=now)
-        if result.outcome in (Outcome.delivered, Outcome.rejected):
+        # The order ended (refunded at its deadline, canceled) while this purchase was open.
+        if result.outcome in (Outcome.delivered, Outcome.partial):
+            extra["finished_state"] = ProcurementState.abandoned
+            return _late_success(
+                conn, vault, loaded=loaded, proc=proc, keys=keys, source=source, now=now, **extra
+            )
+        if result.outcome is Outcome.rejected:
             suppliers.update_procurement(
                 conn,
                 procurement_id=proc.id,
-                state=ProcurementState.abandoned
-                if result.outcome is Outcome.delivered
-                else ProcurementState.rejected,
+                state=ProcurementState.rejected,
                 now=now,
                 reason=result.reason[:64] or "order_closed",
+                settles_at=suppliers.refusal_settles_at(
+                    proc, promises, binding=result.binding, now=now
+                ),
                 **extra,
             )
         return "order_closed"
@@ -311,6 +332,18 @@ def apply_result(
             )
         return "accepted"
 
+    settles_at = now
+    if outcome is Outcome.not_found:
+        # "Not found" is not a refusal while a copy of our request may still arrive and buy
+        # (DESIGN §5.3): only once none can is it known that nothing was bought.
+        verdict = suppliers.not_found_means(proc, promises, now=now)
+        if state is ProcurementState.partial or verdict is not suppliers.NotFound.never_arrived:
+            return _still_a_question(
+                conn, loaded=loaded, proc=proc, state=state, timing=timing, now=now, **extra
+            )
+    elif outcome is Outcome.rejected:
+        settles_at = suppliers.refusal_settles_at(proc, promises, binding=result.binding, now=now)
+
     if outcome in (Outcome.rejected, Outcome.not_found):
         reason = result.reason or ("not_received" if outcome is Outcome.not_found else "rejected")
         if state is ProcurementState.partial:
@@ -340,6 +373,7 @@ def apply_result(
             state=ProcurementState.rejected,
             now=now,
             reason=reason[:64],
+            settles_at=settles_at,
             **extra,
         )
         supplier_fault = reason in suppliers.SUPPLIER_WIDE
@@ -360,7 +394,8 @@ def apply_result(
                 extra_values={"sla_deadline": wait_until},
             )
             return "needs_buyer_action"
-        # Try the next offer right away (the step after this one routes again).
+        # Try the next offer right away (the step after this one routes again) — or, when a
+        # copy of the refused request could still be accepted, once none can.
         transition(
             conn,
             loaded=loaded,
@@ -368,12 +403,46 @@ def apply_result(
             stage=Stage.procuring,
             reason=f"upstream_{reason}"[:64],
             now=now,
-            next_action_at=now,
-            details={"supplier": supplier_code},
+            next_action_at=cap_at_deadline(order, max(now, settles_at)),
+            details={"supplier": supplier_code}
+            | ({"settles_at": settles_at.isoformat()} if settles_at > now else {}),
         )
-        return "rejected"
+        return "rejected" if settles_at <= now else "rejected_settling"
 
     # unknown: resolve by query after a backoff, never by buying again
+    return _still_a_question(
+        conn,
+        loaded=loaded,
+        proc=proc,
+        state=state,
+        timing=timing,
+        now=now,
+        failure=True,
+        supplier_code=supplier_code,
+        detail=result.detail,
+        **extra,
+    )
+
+
+def _still_a_question(
+    conn: Connection,
+    *,
+    loaded: fulfil.Loaded,
+    proc: Any,
+    state: ProcurementState,
+    timing: Timing,
+    now: datetime,
+    failure: bool = False,
+    supplier_code: str = "",
+    detail: str = "",
+    **extra: Any,
+) -> str:
+    """The purchase may or may not have happened: ask again after a backoff, never buy again.
+
+    `failure` (a timeout or a garbled answer) counts against the supplier's circuit; a clear
+    "not found" while our request may still be in flight does not — the supplier answered.
+    """
+    order = loaded.order
     attempts = proc.attempts + 1
     extra.pop("attempts", None)
     suppliers.update_procurement(
@@ -386,7 +455,8 @@ def apply_result(
         attempts=attempts,
         **extra,
     )
-    _feed_breaker(conn, supplier_id=proc.supplier_id, ok=False, now=now)
+    if failure:
+        _feed_breaker(conn, supplier_id=proc.supplier_id, ok=False, now=now)
     next_at = cap_at_deadline(order, now + backoff(attempts, first=1.0, cap=timing.retry_cap_s))
     if order.reason == "upstream_unknown_outcome":
         fulfil.reschedule(conn, order=loaded.order, next_action_at=next_at)
@@ -399,9 +469,60 @@ def apply_result(
             reason="upstream_unknown_outcome",
             now=now,
             next_action_at=next_at,
-            details={"supplier": supplier_code, "detail": result.detail[:100]},
+            details={"supplier": supplier_code or str(proc.supplier_id), "detail": detail[:100]}
+            if failure
+            else {"detail": "not_found_yet"},
         )
-    return "unknown"
+    return "unknown" if failure else "not_found_yet"
+
+
+def _late_success(
+    conn: Connection,
+    vault: Vault,
+    *,
+    loaded: fulfil.Loaded,
+    proc: Any,
+    keys: list[tuple[str, str | None]],
+    source: str,
+    now: datetime,
+    finished_state: ProcurementState | None = None,
+    **extra: Any,
+) -> str:
+    """A purchase succeeded after its line was served another way, refunded, or given up on.
+
+    Caught, never lost: card keys go to our own stock (ours to sell), a top-up is money the
+    supplier took for nothing we can use — a claim staff recover. Either way the procurement
+    counts as charged, so `kameng verify` and reconciliation see it.
+    """
+    order = loaded.order
+    is_card = loaded.delivery_kind == DeliveryKind.card_key.value
+    added = 0
+    if keys and is_card:
+        added = _keys_to_stock(conn, vault, order=order, keys=keys, source=source, now=now)
+    if finished_state is not None:
+        extra["reason"] = proc.reason or "order_closed"
+        suppliers.update_procurement(
+            conn, procurement_id=proc.id, state=finished_state, now=now, **extra
+        )
+    elif extra:
+        suppliers.update_procurement(
+            conn, procurement_id=proc.id, state=ProcurementState(proc.state), now=now, **extra
+        )
+    charged = extra.get("charged_cents", proc.charged_cents)
+    suppliers.record_late_success(
+        conn,
+        procurement=proc,
+        stocked_keys=added if is_card else None,
+        amount_cents=int(charged if charged is not None else proc.cost_cents),
+        now=now,
+    )
+    log.warning(
+        "late success for %s (order %s): %s",
+        proc.out_trade_no,
+        order.order_no,
+        f"{added} key(s) to stock" if is_card else "top-up to recover from the supplier",
+    )
+    return "late_keys_to_stock" if is_card else "late_overcharge"
 
 
 def _keys_to_stock(

@@ -86,6 +86,7 @@ def _apply(conn: Connection, container: Container, supplier: Any, event: Callbac
             buyer_action_s=s.buyer_action_sla_s,
         ),
         via="callback",
+        promises=suppliers.Promises.of(supplier),
     )
 
 

@@ -48,6 +48,7 @@ def snapshot(container: Any) -> dict[str, Any]:
     from kameng.payments import service as payments
     from kameng.pipeline import outbox
     from kameng.review import service as review
+    from kameng.suppliers import reconcile
     from kameng.suppliers import service as suppliers
 
     now = container.clock()
@@ -83,6 +84,8 @@ def snapshot(container: Any) -> dict[str, Any]:
             ).scalar_one()
         )
         health = suppliers.health(conn, now=now)
+        mismatches = reconcile.latest_mismatches(conn)
+        open_claims = suppliers.open_claims_count(conn)
         pending = outbox.pending_count(conn)
         pay = payments.health_counts(conn, now=now)
         queue = review.queue_figures(conn, now=now)
@@ -99,6 +102,8 @@ def snapshot(container: Any) -> dict[str, Any]:
         "oldest_paid_undelivered_s": (now - oldest).total_seconds() if oldest else 0.0,
         "outbox_pending": pending,
         "suppliers": health,
+        "supplier_mismatches": mismatches,
+        "supplier_claims_open": open_claims,
     }
 
 
@@ -172,6 +177,12 @@ class PipelineCollector(Collector):
                 "review_sla_breaches",
             ),
             (
+                "kameng_supplier_claims_open",
+                "Late supplier successes (a top-up for a line served or refunded otherwise) "
+                "to recover: kameng supplier claims",
+                "supplier_claims_open",
+            ),
+            (
                 "kameng_review_open_past_sla",
                 "Reviews open past their SLA (should always be 0: the worker acts at the SLA)",
                 "review_open_past_sla",
@@ -198,7 +209,16 @@ class PipelineCollector(Collector):
             "Last balance read from the supplier",
             labels=["supplier"],
         )
+        reconciled = GaugeMetricFamily(
+            "kameng_supplier_reconciliation_mismatches",
+            "Mismatches found by the latest reconciliation of the supplier's record of "
+            "purchases against ours (kameng supplier reconcile)",
+            labels=["supplier"],
+        )
         for h in snap["suppliers"]:
+            found = snap["supplier_mismatches"].get(h.id)
+            if found is not None:
+                reconciled.add_metric([h.code], float(found))
             circuit.add_metric([h.code], 1.0 if h.circuit_state == "open" else 0.0)
             if h.success_rate is not None:
                 success.add_metric([h.code], h.success_rate)
@@ -207,7 +227,7 @@ class PipelineCollector(Collector):
                 latency.add_metric([h.code, "0.95"], float(h.latency_p95_ms or 0))
             if h.balance_cents is not None:
                 balance.add_metric([h.code], float(h.balance_cents))
-        yield from (circuit, success, latency, balance)
+        yield from (circuit, success, latency, balance, reconciled)
 
 
 class HealthCache:
@@ -234,6 +254,7 @@ class HealthCache:
                     "overdue_orders": snap["overdue_orders"],
                     "oldest_paid_undelivered_s": round(snap["oldest_paid_undelivered_s"], 1),
                     "outbox_pending": snap["outbox_pending"],
+                    "supplier_claims_open": snap["supplier_claims_open"],
                     "payments": {
                         "pending": snap["payments_pending"],
                         "flagged": snap["payments_flagged"],
@@ -250,6 +271,7 @@ class HealthCache:
                             "latency_p95_ms": h.latency_p95_ms,
                             "balance_cents": h.balance_cents,
                             "low_balance": h.low_balance,
+                            "reconciliation_mismatches": snap["supplier_mismatches"].get(h.id),
                         }
                         for h in snap["suppliers"]
                     },

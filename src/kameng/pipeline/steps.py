@@ -42,9 +42,6 @@ _event = table(OrderEvent)
 _supplier = table(Supplier)
 _offer_table = table(SupplierOffer)
 
-# A purchase the supplier says it never received is re-sent under the same out-trade-no (they
-# deduplicate on it) this many times before we give up on that supplier for this order.
-RESEND_LIMIT = 3
 # At a payment deadline the gateway is asked once more before the order closes; the order
 # waits this long for the answer, and never more than the grace in all.
 FINAL_CHECK_WAIT = timedelta(seconds=15)
@@ -290,6 +287,13 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
         )
         return Plan("done", "refunded")
 
+    settling = suppliers.unsettled_until(procs, now=now)
+    if settling is not None:
+        # A refused purchase whose request could still be accepted by a copy in flight: buying
+        # anywhere else now could buy twice (DESIGN §5.3). Wait until no copy can land.
+        fulfil.reschedule(conn, order=order, next_action_at=cap_at_deadline(order, settling))
+        return Plan("done", "settling")
+
     refused: set[int] = set()
     if any(p.state == "rejected" for p in procs):
         since = _round_start(conn, order)
@@ -317,6 +321,9 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
         )
         return Plan("done", "backordered")
     offer = usable[0]
+    # Every earlier purchase of this line is settled here: refused and recorded as refused
+    # under its number, or provably never arrived (see unsettled_until). A supplier answers
+    # a number it has seen with what it recorded, so buying from it again needs a new one.
     earlier = sum(1 for p in procs if p.supplier_id == offer.supplier_id)
     out_trade_no = order.order_no if earlier == 0 else f"{order.order_no}-{earlier + 1}"
     proc_id = suppliers.start_procurement(
@@ -427,6 +434,7 @@ async def run_step(ctx: StepContext, order_id: int) -> str:
     if plan.kind == "done":
         return plan.label
     proc, supplier = plan.procurement, plan.supplier
+    promises = suppliers.Promises.of(supplier)
     adapter = ctx.adapters.get(supplier)
     callback_url = f"{ctx.callback_base_url}/api/v1/callbacks/suppliers/{supplier.code}"
     started = time.monotonic()
@@ -450,9 +458,11 @@ async def run_step(ctx: StepContext, order_id: int) -> str:
         if (
             result.outcome is Outcome.not_found
             and proc.state in (ProcurementState.sending.value, ProcurementState.unknown.value)
-            and proc.attempts < RESEND_LIMIT
+            and suppliers.not_found_means(proc, promises, now=ctx.clock())
+            is suppliers.NotFound.resend
         ):
-            # They never got it: send it again under the same number (they deduplicate on it).
+            # Not there (yet): send it again under the same number. They deduplicate on it, so
+            # a copy still in flight and this one buy once between them.
             via, bump = "resend", True
             result = await purchase()
     latency_ms = int((time.monotonic() - started) * 1000)
@@ -471,6 +481,7 @@ async def run_step(ctx: StepContext, order_id: int) -> str:
             via=via,
             latency_ms=latency_ms if via != "poll" else None,
             resent=bump,
+            promises=promises,
         )
         if plan.deadline is None or plan.deadline > now:
             return label

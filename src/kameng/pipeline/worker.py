@@ -29,12 +29,13 @@ from sqlalchemy.engine import Connection
 from kameng.container import Container
 from kameng.db import RawSQL, db_time, table
 from kameng.payments.registry import Gateways
-from kameng.pipeline import outbox, payment_checks, wakeup
+from kameng.pipeline import outbox, payment_checks, supplier_checks, wakeup
 from kameng.pipeline.apply import Timing
 from kameng.pipeline.metrics import STEP_SECONDS, STEPS
 from kameng.pipeline.models import WorkerHeartbeat
 from kameng.pipeline.registry import Adapters
 from kameng.pipeline.steps import StepContext, run_step
+from kameng.suppliers import reconcile
 from kameng.suppliers import service as suppliers
 
 log = logging.getLogger("kameng.worker")
@@ -150,6 +151,9 @@ class Worker:
         s = self.container.settings
         http = httpx.AsyncClient(timeout=10.0)
         last_beat = last_balance = last_payments = last_payout = 0.0
+        # The first reconciliation waits a round: a starting worker has orders to move first.
+        last_reconcile = time.monotonic()
+        reconcile_task: asyncio.Task[Any] | None = None
         sem_free = s.worker_concurrency
         outbox_task: asyncio.Task[Any] | None = None
         balance_task: asyncio.Task[Any] | None = None
@@ -184,6 +188,13 @@ class Worker:
                     last_balance = mono
                     if balance_task is None or balance_task.done():
                         balance_task = asyncio.create_task(self.check_balances())
+                if (
+                    s.supplier_reconcile_s > 0
+                    and mono - last_reconcile >= s.supplier_reconcile_s
+                    and (reconcile_task is None or reconcile_task.done())
+                ):
+                    last_reconcile = mono
+                    reconcile_task = asyncio.create_task(self.reconcile_suppliers())
                 if outbox_task is None or outbox_task.done():
                     outbox_task = asyncio.create_task(outbox.send_due(self.container, http))
                 if (payments_task is None or payments_task.done()) and (
@@ -227,7 +238,13 @@ class Worker:
                 with contextlib.suppress(BaseException):
                     await listener
             await self._drain()
-            for side_task in (outbox_task, balance_task, payments_task, payout_task):
+            for side_task in (
+                outbox_task,
+                balance_task,
+                payments_task,
+                payout_task,
+                reconcile_task,
+            ):
                 if side_task is not None:
                     side_task.cancel()
                     with contextlib.suppress(BaseException):
@@ -266,6 +283,24 @@ class Worker:
             self.steps_done += 1
             STEPS.labels(label).inc()
             STEP_SECONDS.observe(time.monotonic() - started)
+
+    async def reconcile_suppliers(self) -> None:
+        """Every supplier_reconcile_s, unless another worker just did: the supplier's record
+        of purchases against ours (mismatches go to the log, /metrics and /healthz)."""
+        s = self.container.settings
+        now = self.container.clock()
+        try:
+            last = await asyncio.to_thread(self._read, reconcile.last_run_at)
+            if last is not None and (now - last).total_seconds() < s.supplier_reconcile_s * 0.9:
+                return
+            await supplier_checks.reconcile_suppliers(
+                self.container,
+                self.adapters.get,
+                since=now - timedelta(days=s.supplier_reconcile_days),
+                until=now,
+            )
+        except Exception as exc:
+            log.warning("supplier reconciliation failed: %s", type(exc).__name__)
 
     async def check_balances(self) -> None:
         def rows(conn: Connection) -> list[Any]:

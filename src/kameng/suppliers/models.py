@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     ForeignKey,
@@ -44,7 +46,9 @@ class ProcurementState(StrEnum):
     unknown = "unknown"  # timeout / reset / garbled answer: resolved by query only
     partial = "partial"  # some keys received, the rest still owed
     delivered = "delivered"
-    rejected = "rejected"  # they refused (or never received it): nothing was bought
+    # They refused, or it provably never arrived (no copy of the request can still be
+    # accepted): nothing was bought. `settles_at` says from when the line may be bought again.
+    rejected = "rejected"
     abandoned = "abandoned"  # the order was refunded at its deadline while this was open
 
 
@@ -77,6 +81,12 @@ class Supplier(Base):
     balance_cents: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     balance_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     low_balance_cents: Mapped[int] = mapped_column(BigInteger, default=10_000)
+    # What the supplier promises about a purchase request (docs/suppliers.md): it refuses a
+    # request signed more than `request_ttl_s` ago, and it deduplicates on our out-trade-no for
+    # `dedup_window_s` (None: for as long as it keeps the order). Together they say when a
+    # "not found" is final and for how long the same number may be sent again.
+    request_ttl_s: Mapped[int] = mapped_column(Integer, default=300)
+    dedup_window_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -127,6 +137,71 @@ class Procurement(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When the newest copy of the purchase request left (first send or a re-send): a copy held
+    # in the network can still be accepted until this + the supplier's request_ttl_s.
+    last_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # For a refused purchase: from when no copy of it can be charged any more, so the line may
+    # be bought again (at once for a refusal the supplier records against our number).
+    settles_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Set once the supplier has said it delivered (all or part), whatever our row's state:
+    # `kameng verify` allows at most one charged purchase per order line.
+    charged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    charged_cents: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class ClaimKind(StrEnum):
+    keys_to_stock = "keys_to_stock"  # late keys: ours to sell, nothing to recover
+    overcharge = "overcharge"  # a late top-up for a line served or refunded otherwise
+
+
+class ClaimState(StrEnum):
+    open = "open"  # staff should recover it from the supplier (or write it off)
+    stocked = "stocked"  # the keys went on sale; shown for the record
+    resolved = "resolved"  # staff settled it with the supplier
+
+
+class SupplierClaim(Base):
+    """A purchase that succeeded after its order line was served another way or refunded.
+
+    Never lost: late keys go to our stock, a late top-up is money the supplier took for
+    nothing we can use, to be recovered. One per procurement; staff see them in
+    `kameng supplier claims` and settle them with `kameng supplier claim-resolve`.
+    """
+
+    __tablename__ = "supplier_claims"
+    __table_args__ = (UniqueConstraint("procurement_id", name="uq_supplier_claims_procurement"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    supplier_id: Mapped[int] = mapped_column(ForeignKey("suppliers.id"), index=True)
+    procurement_id: Mapped[int] = mapped_column(ForeignKey("procurements.id"))
+    order_id: Mapped[int] = mapped_column(ForeignKey("orders.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    amount_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    keys_count: Mapped[int] = mapped_column(Integer, default=0)
+    note: Mapped[str] = mapped_column(String(500), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    resolved_by: Mapped[str] = mapped_column(String(100), default="")
+
+
+class SupplierReconciliation(Base):
+    """One run of supplier reconciliation: the supplier's record of purchases against ours.
+
+    Kept so /metrics and /healthz can say how many mismatches the latest run of each supplier
+    found without asking the supplier again.
+    """
+
+    __tablename__ = "supplier_reconciliations"
+    __table_args__ = (Index("ix_supplier_reconciliations_supplier_ran", "supplier_id", "ran_at"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    supplier_id: Mapped[int] = mapped_column(ForeignKey("suppliers.id"))
+    ran_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    since: Mapped[datetime] = mapped_column(UTCDateTime)
+    until: Mapped[datetime] = mapped_column(UTCDateTime)
+    checked: Mapped[int] = mapped_column(Integer, default=0)
+    mismatches: Mapped[int] = mapped_column(Integer, default=0)
+    complete: Mapped[bool] = mapped_column(Boolean, default=True)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class SupplierEvent(Base):

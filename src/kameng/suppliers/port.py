@@ -39,6 +39,22 @@ class Result:
     trade_no: str = ""
     cost_cents: int | None = None
     detail: str = ""  # for logs and the timeline: what exactly went wrong (never a key)
+    # For a refusal: whether the supplier records it against our out-trade-no, so that a
+    # later copy of the same request (one held in the network) gets the same refusal. A
+    # refusal it does not remember (a bad request, a kameng site's 4xx) frees the line only
+    # once no copy of the request can be accepted any more.
+    binding: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SupplierRecord:
+    """One purchase as the supplier's own books have it (for reconciliation)."""
+
+    out_trade_no: str
+    status: str  # the supplier's word, for the report
+    charged: bool  # the supplier kept our money for it (delivered, partly or wholly, or owed)
+    cost_cents: int | None
+    trade_no: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +209,11 @@ class SupplierPort(Protocol):
     async def query(self, *, order_no: str) -> Result: ...
 
     async def balance(self) -> int | None: ...
+
+    async def records(self, *, since: int, until: int) -> list[SupplierRecord] | None:
+        """The supplier's record of our purchases created in [since, until) (Unix seconds),
+        all pages; None when it could not be had (reconciliation then says "unchecked")."""
+        ...
 
     def parse_callback(self, *, headers: dict[str, str], body: bytes, now: int) -> CallbackEvent:
         """Verify and decode a callback; raises CallbackRefused."""

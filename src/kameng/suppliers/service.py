@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from enum import StrEnum
+from typing import Any, Literal
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from kameng.db import is_unique_violation, savepoint, table
@@ -20,9 +21,12 @@ from kameng.security.crypto import Vault
 from kameng.suppliers.models import (
     AdapterKind,
     CircuitState,
+    ClaimKind,
+    ClaimState,
     Procurement,
     ProcurementState,
     Supplier,
+    SupplierClaim,
     SupplierEvent,
     SupplierOffer,
 )
@@ -37,6 +41,98 @@ BASE_COOLDOWN_S = 15
 MAX_COOLDOWN_S = 600
 # Rejections that say the supplier as a whole cannot serve right now (not this one SKU).
 SUPPLIER_WIDE = frozenset({"maintenance", "insufficient_balance", "supplier_auth_failed"})
+
+
+# A supplier's clock may run a little apart from ours, and a request that arrived just before
+# its deadline may still be being processed: wait this much longer before trusting that no
+# copy of a request can be charged any more.
+SETTLE_MARGIN = timedelta(seconds=60)
+
+
+@dataclass(frozen=True, slots=True)
+class Promises:
+    """What a supplier promises about our purchase requests (docs/suppliers.md).
+
+    `request_ttl_s`: a request signed longer ago than this is refused on arrival, so a copy
+    held in the network can no longer buy anything. `dedup_window_s`: for this long after our
+    first send, a request with the same out-trade-no is answered with the existing order, never
+    bought again (None: as long as the supplier keeps the order).
+    """
+
+    request_ttl_s: int = 300
+    dedup_window_s: int | None = None
+
+    @classmethod
+    def of(cls, supplier: Any) -> Promises:
+        return cls(
+            request_ttl_s=int(getattr(supplier, "request_ttl_s", None) or 300),
+            dedup_window_s=getattr(supplier, "dedup_window_s", None),
+        )
+
+
+DEFAULT_PROMISES = {
+    # The bundled protocol: ±300 s signature window; orders are kept (and deduplicated) forever.
+    AdapterKind.simulator: Promises(request_ttl_s=300, dedup_window_s=None),
+    # A kameng site: ±300 s signature window; Idempotency-Key records are kept 7 days.
+    AdapterKind.kameng: Promises(request_ttl_s=300, dedup_window_s=7 * 86_400),
+}
+
+
+class NotFound(StrEnum):
+    """What a supplier's "no such order" means for one of our purchases, at one moment."""
+
+    resend = "resend"  # send the same out-trade-no again: they deduplicate on it
+    wait = "wait"  # a copy may still arrive and buy; ask again later
+    never_arrived = "never_arrived"  # no copy can be accepted any more: nothing was bought
+
+
+def may_still_land_until(proc: Any, promises: Promises) -> datetime:
+    """Until when a copy of this purchase request may still be accepted by the supplier."""
+    sent = proc.last_sent_at or proc.updated_at or proc.created_at
+    return sent + timedelta(seconds=promises.request_ttl_s) + SETTLE_MARGIN
+
+
+def not_found_means(proc: Any, promises: Promises, *, now: datetime) -> NotFound:
+    """DESIGN §5.3: "not found" is not a refusal while our request may still be in flight.
+
+    Within the supplier's dedup window the same number is sent again (a copy still in flight
+    is then answered with the same order, never bought twice). Past it, the purchase stays a
+    question until no copy of the request can be accepted; only then is it known to have
+    bought nothing.
+    """
+    window = promises.dedup_window_s
+    # A re-send must itself land inside the window, so stop one request lifetime before it ends.
+    if window is None or now < proc.created_at + timedelta(seconds=window - promises.request_ttl_s):
+        return NotFound.resend
+    if now < may_still_land_until(proc, promises):
+        return NotFound.wait
+    return NotFound.never_arrived
+
+
+def refusal_settles_at(proc: Any, promises: Promises, *, binding: bool, now: datetime) -> datetime:
+    """From when a refused purchase can no longer be charged.
+
+    A refusal the supplier records against our number (`binding`) answers every later copy
+    of the request the same way: settled now. Otherwise (a refusal it does not remember, such
+    as a kameng site's 4xx) a copy still in flight could be accepted once the cause is fixed,
+    so the line waits until no copy can be accepted any more.
+    """
+    if binding:
+        return now
+    return max(now, may_still_land_until(proc, promises))
+
+
+def unsettled_until(rows: list[Any], *, now: datetime) -> datetime | None:
+    """The latest time a refused purchase of the line may still be charged, if in the future:
+    nothing new may be bought for the line before it."""
+    times = [
+        r.settles_at
+        for r in rows
+        if r.state == ProcurementState.rejected.value
+        and r.settles_at is not None
+        and r.settles_at > now
+    ]
+    return max(times) if times else None
 
 
 def secret_context(code: str) -> str:
@@ -55,10 +151,22 @@ def create_supplier(
     secret: str,
     timeout_ms: int = 10_000,
     low_balance_cents: int = 10_000,
+    request_ttl_s: int | None = None,
+    dedup_window_s: int | Literal["default"] | None = "default",
     now: datetime,
 ) -> int:
+    """Connect a supplier. `request_ttl_s` and `dedup_window_s` are what it promises about our
+    purchase requests (docs/suppliers.md); by default, what its protocol promises."""
     if adapter not in {a.value for a in AdapterKind}:
         raise KamengError(ErrorCode.invalid_request, detail=f"unknown adapter {adapter!r}")
+    defaults = DEFAULT_PROMISES[AdapterKind(adapter)]
+    ttl = defaults.request_ttl_s if request_ttl_s is None else request_ttl_s
+    window = defaults.dedup_window_s if dedup_window_s == "default" else dedup_window_s
+    if ttl < 1 or (window is not None and window < ttl):
+        raise KamengError(
+            ErrorCode.invalid_request,
+            detail="request_ttl_s must be positive and dedup_window_s at least request_ttl_s",
+        )
     if not base_url.startswith(("http://", "https://")):
         raise KamengError(ErrorCode.invalid_request, detail="base_url must be http(s)")
     try:
@@ -79,6 +187,8 @@ def create_supplier(
                         failures=0,
                         circuit_opened_count=0,
                         low_balance_cents=low_balance_cents,
+                        request_ttl_s=ttl,
+                        dedup_window_s=window,
                         created_at=now,
                     )
                     .returning(_supplier.c.id)
@@ -287,6 +397,7 @@ def start_procurement(
                 attempts=1,
                 created_at=now,
                 updated_at=now,
+                last_sent_at=now,
             )
             .returning(_proc.c.id)
         ).scalar_one()
@@ -314,6 +425,133 @@ def update_procurement(
 
 def procurement_by_out_trade_no(conn: Connection, *, supplier_id: int, out_trade_no: str) -> Any:
     return conn.execute(_PROC_BY_NO, {"sid": supplier_id, "no": out_trade_no}).first()
+
+
+# -- late successes (claims) ----------------------------------------------------------------------
+
+_claim = table(SupplierClaim)
+
+
+def record_late_success(
+    conn: Connection,
+    *,
+    procurement: Any,
+    stocked_keys: int | None,
+    amount_cents: int,
+    now: datetime,
+) -> int:
+    """Record (or add to) the claim for a purchase that succeeded too late to serve its line.
+
+    `stocked_keys` is how many late keys went to our stock (None for a top-up: then the money
+    is owed back by the supplier). One claim per procurement: a later part of the same
+    purchase adds its keys to it.
+    """
+    kind = ClaimKind.overcharge if stocked_keys is None else ClaimKind.keys_to_stock
+    existing = conn.execute(
+        select(_claim.c.id, _claim.c.keys_count).where(_claim.c.procurement_id == procurement.id)
+    ).first()
+    if existing is not None:
+        conn.execute(
+            update(_claim)
+            .where(_claim.c.id == existing.id)
+            .values(keys_count=existing.keys_count + (stocked_keys or 0), amount_cents=amount_cents)
+        )
+        return int(existing.id)
+    return int(
+        conn.execute(
+            insert(_claim)
+            .values(
+                supplier_id=procurement.supplier_id,
+                procurement_id=procurement.id,
+                order_id=procurement.order_id,
+                kind=kind.value,
+                state=(
+                    ClaimState.open if kind is ClaimKind.overcharge else ClaimState.stocked
+                ).value,
+                amount_cents=amount_cents,
+                keys_count=stocked_keys or 0,
+                note="",
+                created_at=now,
+                resolved_by="",
+            )
+            .returning(_claim.c.id)
+        ).scalar_one()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimView:
+    id: int
+    supplier: str
+    out_trade_no: str
+    order_id: int
+    kind: str
+    state: str
+    amount_cents: int
+    keys_count: int
+    created_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str
+    note: str
+
+
+def list_claims(
+    conn: Connection, *, supplier_id: int | None = None, state: str | None = None, limit: int = 200
+) -> list[ClaimView]:
+    stmt = (
+        select(
+            _claim.c.id,
+            _supplier.c.code,
+            _proc.c.out_trade_no,
+            _claim.c.order_id,
+            _claim.c.kind,
+            _claim.c.state,
+            _claim.c.amount_cents,
+            _claim.c.keys_count,
+            _claim.c.created_at,
+            _claim.c.resolved_at,
+            _claim.c.resolved_by,
+            _claim.c.note,
+        )
+        .join(_supplier, _supplier.c.id == _claim.c.supplier_id)
+        .join(_proc, _proc.c.id == _claim.c.procurement_id)
+        .order_by(_claim.c.id.desc())
+        .limit(limit)
+    )
+    if supplier_id is not None:
+        stmt = stmt.where(_claim.c.supplier_id == supplier_id)
+    if state:
+        stmt = stmt.where(_claim.c.state == state)
+    return [ClaimView(*tuple(r)) for r in conn.execute(stmt)]
+
+
+def resolve_claim(conn: Connection, *, claim_id: int, actor: str, note: str, now: datetime) -> None:
+    """Staff settled an overcharge with the supplier (refunded, credited, or written off)."""
+    if not note.strip():
+        raise KamengError(ErrorCode.invalid_request, detail="a note saying how it was settled")
+    row = conn.execute(select(_claim.c.state).where(_claim.c.id == claim_id)).first()
+    if row is None:
+        raise KamengError(ErrorCode.not_found, detail=f"claim {claim_id}")
+    if row.state != ClaimState.open.value:
+        raise KamengError(ErrorCode.invalid_request, detail=f"claim {claim_id} is {row.state}")
+    conn.execute(
+        update(_claim)
+        .where(_claim.c.id == claim_id, _claim.c.state == ClaimState.open.value)
+        .values(
+            state=ClaimState.resolved.value,
+            resolved_at=now,
+            resolved_by=actor[:100],
+            note=note.strip()[:500],
+        )
+    )
+
+
+def open_claims_count(conn: Connection) -> int:
+    return int(
+        conn.execute(
+            select(func.count()).select_from(_claim).where(_claim.c.state == ClaimState.open.value)
+        ).scalar_one()
+    )
 
 
 def remember_event(
@@ -422,6 +660,7 @@ def record_balance(conn: Connection, *, supplier_id: int, balance: int, now: dat
 
 @dataclass(frozen=True, slots=True)
 class Health:
+    id: int
     code: str
     circuit_state: str
     circuit_open_until: datetime | None
@@ -460,6 +699,7 @@ def health(conn: Connection, *, now: datetime, window_s: int = 900) -> list[Heal
         latencies = [int(r.latency_ms) for r in rows if r.latency_ms is not None]
         out.append(
             Health(
+                id=int(s.id),
                 code=s.code,
                 circuit_state=s.circuit_state,
                 circuit_open_until=s.circuit_open_until,

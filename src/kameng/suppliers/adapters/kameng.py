@@ -8,8 +8,10 @@ API for the order, so a forged or stale payload cannot deliver anything.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+from kameng.errors import KamengError
 from kameng.money import parse_amount
 from kameng.suppliers.adapters.signed_http import SignedHttp, TransportFailure, json_or_none
 from kameng.suppliers.adapters.simulator import parse_keys
@@ -21,7 +23,15 @@ from kameng.suppliers.port import (
     Precheck,
     Quote,
     Result,
+    SupplierRecord,
 )
+
+RECORD_PAGES_MAX = 1000  # 100,000 purchases in one reconciliation window at most
+
+
+def _iso(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
+
 
 _DELIVERED = frozenset({"delivered", "completed"})
 _FAILED = frozenset({"canceled", "refunded", "rejected", "expired"})
@@ -116,12 +126,16 @@ class KamengSupplier:
         code = str(((data or {}).get("error") or {}).get("code") or "")
         if code in _MAYBE_BOUGHT:
             return Result(Outcome.unknown, detail=code)
+        # A kameng site stores only successful outcomes under an Idempotency-Key, so none of
+        # its refusals binds our number: a copy of the request still in flight is judged afresh
+        # (say, after our balance there was topped up). The line is freed only once no copy
+        # can be accepted any more (`binding=False`).
         if response.status_code in (401, 403):
-            return Result(Outcome.rejected, reason="supplier_auth_failed")
+            return Result(Outcome.rejected, reason="supplier_auth_failed", binding=False)
         if code in _REFUSALS:  # a definite refusal whatever its status (sku_disabled is a 409)
-            return Result(Outcome.rejected, reason=_REFUSALS[code])
+            return Result(Outcome.rejected, reason=_REFUSALS[code], binding=False)
         if 400 <= response.status_code < 500 and response.status_code not in (408, 409, 429):
-            return Result(Outcome.rejected, reason=code or "bad_request")
+            return Result(Outcome.rejected, reason=code or "bad_request", binding=False)
         return Result(Outcome.unknown, detail=f"http {response.status_code}")
 
     async def query(self, *, order_no: str) -> Result:
@@ -143,6 +157,49 @@ class KamengSupplier:
         if one.status_code != 200 or detail is None:
             return Result(Outcome.unknown, detail=f"http {one.status_code}")
         return _order_result(detail)
+
+    async def records(self, *, since: int, until: int) -> list[SupplierRecord] | None:
+        """Our orders at their site created in [since, until), every page (their list is
+        newest first, keyed by a cursor); each carries our number as `customer_ref`."""
+        out: list[SupplierRecord] = []
+        cursor = ""
+        params: dict[str, Any] = {
+            "limit": 100,
+            "created_from": _iso(since),
+            "created_to": _iso(until),
+        }
+        for _ in range(RECORD_PAGES_MAX):
+            if cursor:
+                params["cursor"] = cursor
+            try:
+                response = await self.http.call("GET", "/api/v1/orders", params=params)
+            except TransportFailure:
+                return None
+            data = json_or_none(response)
+            if response.status_code != 200 or data is None:
+                return None
+            for order in data.get("orders") or []:
+                ref = order.get("customer_ref") if isinstance(order, dict) else None
+                if not isinstance(ref, str) or not ref:
+                    continue  # an order placed at their site by hand, not one of our purchases
+                status = str(order.get("status") or "")
+                try:
+                    cost: int | None = parse_amount(str(order.get("amount")), allow_zero=True)
+                except (ValueError, KamengError):
+                    cost = None
+                out.append(
+                    SupplierRecord(
+                        out_trade_no=ref,
+                        status=status,
+                        charged=status not in _FAILED,
+                        cost_cents=cost,
+                        trade_no=str(order.get("order_no") or ""),
+                    )
+                )
+            cursor = str(data.get("next_cursor") or "")
+            if not cursor:
+                return out
+        return None
 
     async def precheck(self, *, sku: str, fields: dict[str, str]) -> Precheck:
         """Always `unavailable`: the Reseller API v1 has no pre-check of buyer information yet.

@@ -20,6 +20,7 @@ from kameng.suppliers.port import (
     Quote,
     Result,
     SupplierKey,
+    SupplierRecord,
 )
 
 # A buyer is waiting at the checkout, and no answer costs nothing (the order goes ahead), so
@@ -73,6 +74,25 @@ def result_from_body(data: dict[str, Any] | None, *, http_status: int) -> Result
         reason=str(data.get("reason") or "") if outcome is Outcome.rejected else "",
         trade_no=str(data.get("trade_no") or ""),
         cost_cents=cost if isinstance(cost, int) else None,
+    )
+
+
+RECORD_PAGE = 500
+RECORD_PAGES_MAX = 200  # 100,000 purchases in one reconciliation window at most
+
+
+def _record(item: Any) -> SupplierRecord | None:
+    if not isinstance(item, dict) or not isinstance(item.get("out_trade_no"), str):
+        return None
+    status = str(item.get("status") or "")
+    cost = item.get("cost_cents")
+    return SupplierRecord(
+        out_trade_no=item["out_trade_no"],
+        status=status,
+        # The protocol refunds a rejected order in full; anything else holds our money.
+        charged=status != "rejected",
+        cost_cents=cost if isinstance(cost, int) else None,
+        trade_no=str(item.get("trade_no") or ""),
     )
 
 
@@ -158,17 +178,19 @@ class SimulatorSupplier:
             response = await self.http.call("POST", "/v1/orders", body=body)
         except TransportFailure as exc:
             return Result(Outcome.unknown, detail=str(exc))
+        # Refusals before the supplier recorded an order under our number are not binding: a
+        # copy of the request still in flight is judged afresh when it arrives.
         if response.status_code in (401, 403):
             # Our credentials are wrong: nothing was bought, and no purchase will succeed until
             # an operator fixes them — a supplier-wide failure for the circuit breaker.
-            return Result(Outcome.rejected, reason="supplier_auth_failed")
+            return Result(Outcome.rejected, reason="supplier_auth_failed", binding=False)
         if response.status_code == 400:
             # Refused before anything was done: our request is wrong.
             data = json_or_none(response) or {}
             reason = str(data.get("reason") or data.get("code") or f"http_{response.status_code}")
-            return Result(Outcome.rejected, reason=reason)
+            return Result(Outcome.rejected, reason=reason, binding=False)
         if response.status_code == 404:
-            return Result(Outcome.rejected, reason="unknown_sku")
+            return Result(Outcome.rejected, reason="unknown_sku", binding=False)
         return result_from_body(json_or_none(response), http_status=response.status_code)
 
     async def precheck(self, *, sku: str, fields: dict[str, str]) -> Precheck:
@@ -190,6 +212,34 @@ class SimulatorSupplier:
         except TransportFailure as exc:
             return Result(Outcome.unknown, detail=str(exc))
         return result_from_body(json_or_none(response), http_status=response.status_code)
+
+    async def records(self, *, since: int, until: int) -> list[SupplierRecord] | None:
+        """`GET /v1/orders?since=&until=&after=`, page by page (docs/supplier-sim.md)."""
+        out: list[SupplierRecord] = []
+        after = ""
+        for _ in range(RECORD_PAGES_MAX):
+            params: dict[str, Any] = {"since": since, "until": until, "limit": RECORD_PAGE}
+            if after:
+                params["after"] = after
+            try:
+                response = await self.http.call("GET", "/v1/orders", params=params)
+            except TransportFailure:
+                return None
+            data = json_or_none(response)
+            if response.status_code != 200 or data is None:
+                return None
+            items = data.get("orders")
+            if not isinstance(items, list):
+                return None
+            for item in items:
+                record = _record(item)
+                if record is None:
+                    return None
+                out.append(record)
+            after = str(data.get("next") or "")
+            if not after:
+                return out
+        return None
 
     async def balance(self) -> int | None:
         try:

@@ -128,6 +128,7 @@ class Simulator:
             Route("/v1/quote", self.quote, methods=["GET"]),
             Route("/v1/balance", self.balance, methods=["GET"]),
             Route("/v1/orders", self.create_order, methods=["POST"]),
+            Route("/v1/orders", self.list_orders, methods=["GET"]),
             Route("/v1/orders/{out_trade_no:path}", self.get_order, methods=["GET"]),
             Route("/v1/precheck", self.precheck, methods=["POST"]),
             Route("/_sim/state", self.sim_state, methods=["GET"]),
@@ -203,6 +204,25 @@ class Simulator:
             return JSONResponse({"status": "not_found"}, status_code=404)
         await self._latency(self.state.sku_config(order.sku))
         return JSONResponse(order.view())
+
+    async def list_orders(self, request: Request) -> Response:
+        """The merchant's purchases created in [since, until) (Unix seconds), oldest first, a
+        page at a time: what the merchant reconciles its books against."""
+        if not await self._authentic(request):
+            return JSONResponse(_UNAUTHORIZED, status_code=401)
+        q = request.query_params
+        try:
+            since = float(q.get("since", "0"))
+            until = float(q.get("until", "1e12"))
+            limit = min(max(int(q.get("limit", "500")), 1), 1000)
+            after = int(q.get("after", "0") or 0)
+        except ValueError:
+            self.state.stats.bad_requests += 1
+            return JSONResponse(_BAD_REQUEST, status_code=400)
+        page, next_after = self.state.list_orders(
+            since=since, until=until, after=after, limit=limit
+        )
+        return JSONResponse({"orders": page, "next": str(next_after) if next_after else ""})
 
     async def precheck(self, request: Request) -> Response:
         """Would a purchase with these buyer fields be accepted now? Nothing is recorded.

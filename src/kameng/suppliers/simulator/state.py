@@ -284,6 +284,23 @@ class SimState:
 
     # -- purchases ------------------------------------------------------------------------------
 
+    def list_orders(
+        self, *, since: float, until: float, after: int, limit: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        """A page of orders created in [since, until), in the order they were placed; `after`
+        is the position to continue from (orders are only ever appended), 0 when done."""
+        everything = list(self.orders.values())
+        page: list[dict[str, Any]] = []
+        position = after
+        while position < len(everything) and len(page) < limit:
+            order = everything[position]
+            position += 1
+            if since <= order.created_at < until:
+                page.append(
+                    {**order.view(), "keys": len(order.keys), "created_at": order.created_at}
+                )
+        return page, position if position < len(everything) else 0
+
     def place_order(self, req: OrderRequest) -> tuple[Order, bool]:
         """The order for `req.out_trade_no` and whether this call created it.
 
