@@ -199,3 +199,25 @@ async def run_signed_async(
     except _RolledBack as refused:
         raise await asyncio.to_thread(_burn_nonce, container, req, refused) from None
     return _result(outcome)
+
+
+async def run_as_async(
+    container: Container,
+    req: SignedRequest,
+    caller: Caller,
+    handler: Callable[[Connection, Caller], T],
+) -> T:
+    """A later write transaction of a request `run_signed_async` already authenticated.
+
+    A request that must wait on a supplier between its checks and its effect cannot keep its
+    first transaction open; its nonce was recorded there, so authenticating again would refuse
+    it as a replay. The credential is read again instead: a key revoked while the supplier was
+    answering is refused here rather than honoured for one more order."""
+
+    def job(conn: Connection) -> T:
+        current = container.authenticator.caller(conn, req.api_key)
+        if current.credential_id != caller.credential_id:
+            raise KamengError(ErrorCode.auth_invalid_key)
+        return handler(conn, current)
+
+    return await container.writer.run_async(job)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from sqlalchemy.engine import Connection
 
-from kameng.api import render
+from kameng.api import checks, render
 from kameng.api.deps import (
     ContainerDep,
     LanguageDep,
     SignedDep,
+    run_as_async,
     run_signed,
     run_signed_async,
     signed_request,
@@ -34,6 +34,7 @@ from kameng.api.schemas import (
 )
 from kameng.catalog import service as catalog
 from kameng.catalog.fields import validate_fields
+from kameng.catalog.service import SkuInfo
 from kameng.container import Container
 from kameng.errors import ErrorCode, KamengError, normalize_language
 from kameng.idempotency import service as idem
@@ -50,6 +51,9 @@ from kameng.pipeline import buyer_info
 from kameng.pipeline.wakeup import DOORBELL
 from kameng.pricing import service as pricing
 from kameng.resellers.service import Caller
+
+# (body, keys to decrypt, their SKU id, replayed): what placing an order answers.
+Answer = tuple[dict[str, Any], list[Any], int, bool]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 402, 404, 409, 422, 429)
@@ -130,48 +134,36 @@ async def create_order(request: Request) -> Any:
     """Pay from balance and deliver at once from stock; short of stock the order waits in
     `backordered` with the money held. Needs `Idempotency-Key`.
 
+    Checks run in this order, each only once the one before passed: signature (key, timestamp,
+    signature), nonce, idempotency (a replay answers the original response and nothing else
+    runs; a key in flight answers 409, the same key with another body 422), validation, the
+    supplier's pre-check (direct top-ups), placement. So a retry of a placed order is answered
+    with that order whatever has changed since (the supplier now refusing the account, the
+    SKU closed), and a request that is not authentic never reaches a supplier.
+
     The hot path: it reads and validates its own input (the same model, the same errors as
     every other endpoint) instead of going through dependency injection, which on this
-    endpoint cost more CPU than the order's whole database transaction."""
+    endpoint cost more CPU than the order's whole database transaction. Without a pre-check
+    the order is one transaction; with one, the checks commit (spending the nonce), the
+    supplier is asked outside any transaction, and a second transaction places the order."""
     container: Container = request.app.state.container
     language = normalize_language(request.headers.get("accept-language"))
     req = await signed_request(request, container)
-    content_type = request.headers.get("content-type", "application/json").split(";")[0]
-    if not content_type.strip().lower().endswith(("/json", "+json")):
-        raise RequestValidationError(
-            [{"type": "content_type", "loc": ("body",), "msg": "a JSON body is expected"}]
-        )
-    try:
-        payload = CreateOrderRequest.model_validate_json(req.body or b"null")
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors()]
-        ) from None
-    key = idem.validate_key(request.headers.get("idempotency-key"))
-    req_hash = idem.request_hash(req.method, req.path.split("?")[0], req.body)
-    refusal = await _precheck_refusal(request, container, payload.sku, payload.fields)
-    if refusal is not None:
-        # Authenticated first (and the nonce spent) like any answer: a caller without a valid
-        # signature learns nothing from the supplier's pre-check.
-        def refuse(conn: Connection, caller: Caller) -> None:
-            raise refusal
-
-        await run_signed_async(container, req, refuse)
+    claim = idem.Claim(container.inflight)
     client_ip = request.client.host if request.client else ""
 
-    def handler(conn: Connection, caller: Caller) -> tuple[dict[str, Any], list[Any], int, bool]:
+    def attempt(conn: Connection, caller: Caller, *, checked: bool) -> Answer | _PrecheckDue:
+        key = idem.validate_key(request.headers.get("idempotency-key"))
+        claim.take(caller.scope, key)
+        req_hash = idem.request_hash(req.method, req.path.split("?")[0], req.body)
         idem.lock_across_processes(conn, scope=caller.scope, key=key)
         stored = idem.find(conn, scope=caller.scope, key=key, req_hash=req_hash)
         if stored is not None:
             return _replay(conn, container, caller, stored.response)
-        sku = container.sku(payload.sku, conn=conn)
-        if not sku.on_sale:
-            raise KamengError(ErrorCode.sku_disabled, sku=sku.code)
-        if not sku.min_quantity <= payload.quantity <= sku.max_quantity:
-            raise KamengError(
-                ErrorCode.quantity_out_of_range, min=sku.min_quantity, max=sku.max_quantity
-            )
-        fields = validate_fields(list(sku.field_template), payload.fields)
+        payload = _parse_order(request.headers.get("content-type"), req.body)
+        sku, fields = _validated(container, conn, payload)
+        if not checked and checks.precheck_due(container, conn, sku):
+            return _PrecheckDue(caller, sku, fields)
         unit_price = container.unit_price(tier_id=caller.tier_id, sku_id=sku.id, conn=conn)
         now = container.clock()
         placed = orders.place_order(
@@ -216,15 +208,63 @@ async def create_order(request: Request) -> Any:
         )
         return body, placed.keys, sku.id, False
 
-    with container.inflight.hold(req.api_key, key):
-        body, keys, sku_id, replayed = await run_signed_async(container, req, handler)
+    try:
+        first = await run_signed_async(
+            container, req, lambda conn, caller: attempt(conn, caller, checked=False)
+        )
+        answer: Answer | _PrecheckDue = first
+        if isinstance(first, _PrecheckDue):
+            buyer_info.refuse_if_wrong(
+                await checks.precheck(request, container, first.caller, first.sku, first.fields)
+            )
+            answer = await run_as_async(
+                container,
+                req,
+                first.caller,
+                lambda conn, caller: attempt(conn, caller, checked=True),
+            )
+    finally:
+        claim.release()
+    assert not isinstance(answer, _PrecheckDue)  # the second attempt never asks for a check
+    body, keys, sku_id, replayed = answer
     # Committed. Only now do plaintext keys exist, and only in this response.
     if body.get("stage") == "procuring" and not replayed:
         DOORBELL.ring()  # an embedded worker picks it up now rather than at its next poll
     if keys:
         body = {**body, "keys": render.decrypt_all(container, sku_id, keys)}
-    headers = {"Idempotent-Replayed": "true"} if replayed else None
-    return JSON(body, status_code=201, headers=headers)
+    return JSON(body, status_code=201, headers=checks.replayed_header(replayed))
+
+
+@dataclass(frozen=True, slots=True)
+class _PrecheckDue:
+    """The checks passed and nothing is stored under the key: the supplier is to be asked
+    about these fields before the order is placed."""
+
+    caller: Caller
+    sku: SkuInfo
+    fields: dict[str, str]
+
+
+def _parse_order(content_type: str | None, body: bytes) -> CreateOrderRequest:
+    media_type = (content_type or "application/json").split(";")[0].strip().lower()
+    if not media_type.endswith(("/json", "+json")):
+        raise RequestValidationError(
+            [{"type": "content_type", "loc": ("body",), "msg": "a JSON body is expected"}]
+        )
+    return checks.parse_json(CreateOrderRequest, body)
+
+
+def _validated(
+    container: Container, conn: Connection, payload: CreateOrderRequest
+) -> tuple[SkuInfo, dict[str, str]]:
+    sku = container.sku(payload.sku, conn=conn)
+    if not sku.on_sale:
+        raise KamengError(ErrorCode.sku_disabled, sku=sku.code)
+    if not sku.min_quantity <= payload.quantity <= sku.max_quantity:
+        raise KamengError(
+            ErrorCode.quantity_out_of_range, min=sku.min_quantity, max=sku.max_quantity
+        )
+    return sku, validate_fields(list(sku.field_template), payload.fields)
 
 
 SEALED_LOOKUP = "_sealed_lookup_secret"
@@ -338,15 +378,46 @@ def get_order(order_no: str, req: SignedDep, container: ContainerDep, language: 
     return JSON(body)
 
 
-@router.post("/orders/{order_no}/cancel", response_model=OrderOut, tags=["orders"])
+_OPTIONAL_KEY_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "1-255 characters. Optional here: a retry under the same key and "
+            "body answers the first answer (`Idempotent-Replayed: true`), the same key with "
+            "another body 422, a key still in flight 409",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        }
+    ]
+}
+
+
+@router.post(
+    "/orders/{order_no}/cancel",
+    response_model=OrderOut,
+    tags=["orders"],
+    openapi_extra=_OPTIONAL_KEY_DOC,
+)
 def cancel_order(
-    order_no: str, req: SignedDep, container: ContainerDep, language: LanguageDep
+    order_no: str,
+    request: Request,
+    req: SignedDep,
+    container: ContainerDep,
+    language: LanguageDep,
 ) -> Any:
     """Cancel an order that has not been delivered: stock released, money back to balance.
 
-    Naturally idempotent: canceling a canceled order answers with the order as it is."""
+    Naturally idempotent: canceling a canceled order answers with the order as it is. With an
+    `Idempotency-Key` the first answer is replayed, and a key sent again for another order is
+    refused instead of canceling that one too."""
+    claim = idem.Claim(container.inflight)
+    header = request.headers.get("idempotency-key")
 
-    def handler(conn: Connection, caller: Caller) -> dict[str, Any]:
+    def handler(conn: Connection, caller: Caller) -> tuple[dict[str, Any], bool]:
+        stored = checks.stored_answer(conn, caller, claim, req, header)
+        if stored is not None:
+            return stored, True
         normalized = normalize_order_no(order_no)
         order_cancel.cancel_order(
             conn,
@@ -362,53 +433,71 @@ def cancel_order(
         body, _ = render.full_order(
             conn, container, order, language, channel="api_cancel", actor=caller.actor
         )
-        return body
+        checks.store_answer(conn, caller, req, header, body, container.clock())
+        return body, False
 
-    return JSON(run_signed(container, req, handler))
+    try:
+        body, replayed = run_signed(container, req, handler)
+    finally:
+        claim.release()
+    return JSON(body, headers=checks.replayed_header(replayed))
 
 
-@router.post("/orders/{order_no}/fields", response_model=OrderOut, tags=["orders"])
+@dataclass(frozen=True, slots=True)
+class _Correction:
+    caller: Caller
+    order_id: int
+    sku: SkuInfo
+    fields: dict[str, str]
+    precheck_due: bool
+
+
+@router.post(
+    "/orders/{order_no}/fields",
+    response_model=OrderOut,
+    tags=["orders"],
+    openapi_extra=_OPTIONAL_KEY_DOC,
+)
 async def correct_fields(
     order_no: str, request: Request, req: SignedDep, container: ContainerDep, language: LanguageDep
 ) -> Any:
     """Correct the buyer information of an order in `needs_buyer_action` (the supplier refused
     it): send every field again. The order goes back to the supplier at once. Where the
     supplier offers a pre-check, the new fields are checked first and a definite refusal
-    answers `invalid_fields` naming the field. To give up instead, cancel the order (refund)."""
-    try:
-        payload = CorrectFieldsRequest.model_validate_json(req.body or b"null")
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**err, "loc": ("body", *err.get("loc", ()))} for err in exc.errors()]
-        ) from None
-    normalized = normalize_order_no(order_no)
+    answers `invalid_fields` naming the field. To give up instead, cancel the order (refund).
 
-    def check(conn: Connection, caller: Caller) -> tuple[Caller, Any, Any, dict[str, str]]:
+    Checks run in the order of `POST /orders`: signature, nonce, idempotency (with an
+    `Idempotency-Key`, a retry of an applied correction answers that correction rather than
+    `order_not_fixable`), validation, pre-check, correction."""
+    normalized = normalize_order_no(order_no)
+    claim = idem.Claim(container.inflight)
+    header = request.headers.get("idempotency-key")
+
+    def check(conn: Connection, caller: Caller) -> dict[str, Any] | _Correction:
+        stored = checks.stored_answer(conn, caller, claim, req, header)
+        if stored is not None:
+            return stored
+        payload = checks.parse_json(CorrectFieldsRequest, req.body)
         order = order_queries.find_order(conn, order_no=normalized, reseller_id=caller.reseller_id)
         if order.status != Status.needs_buyer_action.value:
             raise KamengError(ErrorCode.order_not_fixable, status=order.status)
         sku = container.sku_by_id(order.sku_id, conn=conn)
-        return caller, order, sku, validate_fields(list(sku.field_template), payload.fields)
+        fields = validate_fields(list(sku.field_template), payload.fields)
+        return _Correction(caller, order.id, sku, fields, checks.precheck_due(container, conn, sku))
 
-    caller, order, sku, fields = await run_signed_async(container, req, check)
-    result = await buyer_info.precheck(
-        run_read=lambda job: _read(container, job),
-        adapters=request.app.state.adapters,
-        sku=sku,
-        fields=fields,
-        now=container.clock(),
-    )
-    buyer_info.refuse_if_wrong(result)
-
-    def correct(conn: Connection) -> dict[str, Any]:
+    def correct(conn: Connection, caller: Caller, todo: _Correction) -> tuple[dict[str, Any], bool]:
+        stored = checks.stored_answer(conn, caller, claim, req, header)
+        if stored is not None:
+            return stored, True
+        now = container.clock()
         fresh = buyer_info.correct_fields(
             conn,
-            order_id=order.id,
-            sku=sku,
-            fields=fields,
+            order_id=todo.order_id,
+            sku=todo.sku,
+            fields=todo.fields,
             actor=caller.actor,
-            fulfil_sla_s=sku.sla_seconds or container.settings.default_sla_s,
-            now=container.clock(),
+            fulfil_sla_s=todo.sku.sla_seconds or container.settings.default_sla_s,
+            now=now,
             engine=container.screening_engine,
             accounts=container.accounts,
             review_sla_s=container.settings.review_sla_s,
@@ -416,43 +505,26 @@ async def correct_fields(
         body, _ = render.full_order(
             conn, container, fresh, language, channel="api_fields", actor=caller.actor
         )
-        return body
+        checks.store_answer(conn, caller, req, header, body, now)
+        return body, False
 
-    body = await container.writer.run_async(correct)
-    DOORBELL.ring()
-    return JSON(body)
-
-
-async def _precheck_refusal(
-    request: Request, container: Container, sku_code: str, raw_fields: dict[str, Any]
-) -> KamengError | None:
-    """A direct top-up's fields put to the supplier's pre-check before any money moves. Any
-    problem of our own (unknown SKU, bad fields) is left to the order transaction to report."""
     try:
-        sku = container.sku(sku_code)
-        fields = validate_fields(list(sku.field_template), raw_fields)
-    except KamengError:
-        return None
-    result = await buyer_info.precheck(
-        run_read=lambda job: _read(container, job),
-        adapters=request.app.state.adapters,
-        sku=sku,
-        fields=fields,
-        now=container.clock(),
-    )
-    try:
-        buyer_info.refuse_if_wrong(result)
-    except KamengError as exc:
-        return exc
-    return None
-
-
-async def _read(container: Container, job: Any) -> Any:
-    def run() -> Any:
-        with container.db.connect(write=False) as conn:
-            return job(conn)
-
-    return await asyncio.to_thread(run)
+        first = await run_signed_async(container, req, check)
+        if isinstance(first, dict):
+            return JSON(first, headers=checks.replayed_header(True))
+        todo = first
+        if todo.precheck_due:
+            buyer_info.refuse_if_wrong(
+                await checks.precheck(request, container, todo.caller, todo.sku, todo.fields)
+            )
+        body, replayed = await run_as_async(
+            container, req, todo.caller, lambda conn, caller: correct(conn, caller, todo)
+        )
+    finally:
+        claim.release()
+    if not replayed:
+        DOORBELL.ring()
+    return JSON(body, headers=checks.replayed_header(replayed))
 
 
 @router.get("/balance", response_model=BalanceOut, tags=["account"])

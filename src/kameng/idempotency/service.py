@@ -7,6 +7,12 @@ transaction-scoped advisory lock on PostgreSQL for requests in other processes (
 single writer already serialises them, so the second simply sees the first's record).
 Only successful outcomes are stored: a refused request changed nothing, so retrying it under
 the same key is safe and lets a client fix (say) its balance and try again.
+
+A request that asks a supplier before its effect (a direct top-up's pre-check) runs in two
+transactions with the network call between them, because no transaction is held open across
+outbound HTTP. The in-process `Claim` spans both; the advisory lock covers each, and the key
+is looked up again in the second, so a same-key request from another process in the gap is
+answered with the first one's record (or 409), never with a second effect.
 """
 
 from __future__ import annotations
@@ -14,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -53,6 +57,11 @@ def validate_key(key: str | None) -> str:
     return key
 
 
+def optional_key(key: str | None) -> str | None:
+    """For POSTs where the key is accepted but not (yet) required: checked only when sent."""
+    return None if key is None else validate_key(key)
+
+
 def request_hash(method: str, path: str, body: bytes) -> bytes:
     return hashlib.sha256(method.encode() + b"\n" + path.encode() + b"\n" + body).digest()
 
@@ -64,17 +73,43 @@ class InFlight:
         self._keys: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    @contextmanager
-    def hold(self, scope: str, key: str) -> Iterator[None]:
+    def claim(self, scope: str, key: str) -> None:
+        """Mark the key as in flight, refusing (409) if another request already holds it."""
         with self._lock:
             if (scope, key) in self._keys:
                 raise KamengError(ErrorCode.idempotency_in_flight)
             self._keys.add((scope, key))
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._keys.discard((scope, key))
+
+    def release(self, scope: str, key: str) -> None:
+        with self._lock:
+            self._keys.discard((scope, key))
+
+
+class Claim:
+    """One request's hold on its key, taken once the caller is authenticated and kept across
+    the request's steps (the lookup, a supplier's pre-check outside any transaction, the
+    effect's own transaction) until the answer is ready.
+
+    The scope is only known after authentication, and authentication runs inside the first
+    transaction, so the hold cannot be a `with` block around it: the transaction `take`s it and
+    the endpoint `release`s it in a `finally`, whichever step ended the request. Taking it
+    after authentication means a request that fails it never learns whether a key is in use.
+    """
+
+    def __init__(self, inflight: InFlight) -> None:
+        self._inflight = inflight
+        self._held: tuple[str, str] | None = None
+
+    def take(self, scope: str, key: str) -> None:
+        if self._held == (scope, key):
+            return
+        self._inflight.claim(scope, key)
+        self._held = (scope, key)
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._inflight.release(*self._held)
+            self._held = None
 
 
 def lock_across_processes(conn: Connection, *, scope: str, key: str) -> None:
