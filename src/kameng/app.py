@@ -31,7 +31,8 @@ from kameng.payments.registry import Gateways
 from kameng.pipeline.metrics import HealthCache, PipelineCollector
 from kameng.pipeline.registry import Adapters
 from kameng.ratelimit import RateLimiter
-from kameng.web import account, documents, shop
+from kameng.security.bodylimit import KIB, MIB, BodyLimit, BodyRule
+from kameng.web import account, documents, refusals, shop
 
 log = logging.getLogger("kameng")
 
@@ -97,6 +98,31 @@ class CrashGuard:
             err = KamengError(ErrorCode.internal_error, request_id=request_id)
             response = JSON(err.to_dict(_language(request)), status_code=500)
             await response(scope, receive, send)
+
+
+def body_rules() -> tuple[BodyRule, ...]:
+    """What each route may be sent, first match wins (enforced by `BodyLimit`, before routes).
+
+    Gateways' notifies are a few signed fields; supplier callbacks carry delivered keys (up to
+    an order's 1,000), so they keep the callback route's own cap; a staff rule set may hold
+    500 rules. The document upload is the only route that takes a file. Everything else
+    outside /api/ is the storefront: url-encoded forms with a handful of short fields.
+    """
+    return (
+        BodyRule("/pay/notify/*", 16 * KIB),
+        BodyRule("/api/v1/callbacks/*", callbacks.MAX_BODY),
+        BodyRule("/api/staff/risk/rule-sets", 1 * MIB),
+        BodyRule("/api/*", 64 * KIB),
+        BodyRule(
+            documents.PAGE,
+            documents.MAX_UPLOAD_BODY,
+            multipart=True,
+            page=documents.refuse_unread,
+        ),
+        BodyRule(
+            "*", 64 * KIB, form_fields=100, form_field_bytes=8 * KIB, page=refusals.error_page
+        ),
+    )
 
 
 def create_app(container: Container | None = None, *, embedded_worker: bool = False) -> FastAPI:
@@ -194,6 +220,9 @@ def create_app(container: Container | None = None, *, embedded_worker: bool = Fa
         err = KamengError(ErrorCode.internal_error, request_id=request_id)
         return JSON(err.to_dict(_language(request)), status_code=500)
 
+    # Added first, so it runs inside CrashGuard but before any route or dependency reads a
+    # body: a body it cut off surfaces in the app as a client disconnect, which it answers.
+    app.add_middleware(BodyLimit, rules=body_rules())
     app.add_middleware(CrashGuard)
     app.include_router(reseller_v1.router)
     app.include_router(staff_api.router)

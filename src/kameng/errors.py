@@ -19,6 +19,11 @@ class ErrorCode(StrEnum):
     method_not_allowed = "method_not_allowed"
     internal_error = "internal_error"
     rate_limited = "rate_limited"
+    # request bodies (refused before the app reads them; kameng.security.bodylimit)
+    payload_too_large = "payload_too_large"
+    unsupported_media_type = "unsupported_media_type"
+    too_many_form_fields = "too_many_form_fields"
+    form_field_too_large = "form_field_too_large"
     # signing
     auth_missing = "auth_missing"
     auth_invalid_key = "auth_invalid_key"
@@ -93,6 +98,23 @@ MESSAGES: dict[ErrorCode, tuple[str, str]] = {
     ErrorCode.rate_limited: (
         "请求过于频繁，请 {retry_after} 秒后再试",
         "Too many requests, retry in {retry_after} s",
+    ),
+    # `limit` is a size such as "64 KiB".
+    ErrorCode.payload_too_large: (
+        "请求内容过大：此地址最多接受 {limit}",
+        "Request body too large: this address accepts at most {limit}",
+    ),
+    ErrorCode.unsupported_media_type: (
+        "此地址不接受 {media_type} 格式的请求内容",
+        "This address does not accept {media_type} request bodies",
+    ),
+    ErrorCode.too_many_form_fields: (
+        "表单字段过多：最多 {limit} 个",
+        "Too many form fields: at most {limit}",
+    ),
+    ErrorCode.form_field_too_large: (
+        "表单中有字段过长：每个字段最多 {limit}",
+        "A form field is too long: at most {limit} each",
     ),
     ErrorCode.auth_missing: (
         "缺少签名头：{headers}",
@@ -274,6 +296,10 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.method_not_allowed: 405,
     ErrorCode.internal_error: 500,
     ErrorCode.rate_limited: 429,
+    ErrorCode.payload_too_large: 413,
+    ErrorCode.unsupported_media_type: 415,
+    ErrorCode.too_many_form_fields: 413,
+    ErrorCode.form_field_too_large: 413,
     ErrorCode.auth_missing: 401,
     ErrorCode.auth_invalid_key: 401,
     ErrorCode.auth_key_revoked: 401,

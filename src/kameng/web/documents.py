@@ -6,7 +6,8 @@ Only the logged-in member's own documents are ever listed (keyed by the session'
 the files themselves are never served back to the browser — staff open them with
 `kameng documents show ID --save PATH`. The file's type is judged by its bytes in the service;
 the size is checked here first from Content-Length, so an oversized upload is refused before
-its body is parsed and spooled to disk.
+its body is parsed and spooled to disk, and the app's body limit cuts off one sent without a
+length (chunked) at the same size, answering with `refuse_unread` below.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ router = APIRouter(include_in_schema=False)
 PAGE = documents.UPLOAD_PATH
 # Room for the multipart framing and the small fields around the file.
 FORM_OVERHEAD = 64 * 1024
+# The most an upload request may send (the body limit cuts off anything longer as it streams).
+MAX_UPLOAD_BODY = documents.MAX_BYTES + FORM_OVERHEAD
 
 # This page's texts; the same keys in both languages (a unit test checks).
 TEXT: dict[str, dict[str, str]] = {
@@ -195,6 +198,20 @@ async def _read_form(request: Request) -> tuple[dict[str, str], bytes, str, str]
         await form.close()
 
 
+async def refuse_unread(request: Request, exc: KamengError) -> Response:
+    """This page's answer when the body limit refuses an upload before it is read (declared or
+    streamed past `MAX_BYTES + FORM_OVERHEAD`): too large is said as a file over the limit, on
+    the member's own page, exactly as the Content-Length check below says it."""
+    container = _container(request)
+    ctx = await run_in_threadpool(browser, request, container)
+    if exc.code is ErrorCode.payload_too_large:
+        try:
+            documents.check_size(documents.MAX_BYTES + 1)
+        except KamengError as too_large:
+            exc = too_large
+    return await run_in_threadpool(_refuse, ctx, container, exc)
+
+
 @router.post(PAGE)
 async def upload(request: Request) -> Response:
     container = _container(request)
@@ -205,7 +222,7 @@ async def upload(request: Request) -> Response:
     except ValueError:
         declared = 0
     try:
-        if declared > documents.MAX_BYTES + FORM_OVERHEAD:
+        if declared > MAX_UPLOAD_BODY:
             documents.check_size(declared - FORM_OVERHEAD)
     except KamengError as exc:
         return await run_in_threadpool(refuse, exc)
