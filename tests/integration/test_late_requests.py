@@ -19,15 +19,18 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
 import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import text
 from tests.conftest import backend_container
+from tests.integration._helpers import run_cli
 from tests.support import factories, workers
 from tests.support.holding_proxy import HoldingProxy
 from tests.support.pipeline import pipeline_rig, wait_for
@@ -176,3 +179,87 @@ def _reconcile(rig: Any) -> list[Any]:
             await adapters.aclose()
 
     return asyncio.run(run())
+
+
+# -- late successes after the order was refunded ---------------------------------------------------
+
+LATE_HOLD_S = 7.0  # every copy, past the order's 3 s deadline
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_success_after_the_deadline_is_caught_not_lost(backend: str, tmp_path: Path) -> None:
+    """The order is refunded at its deadline while its purchase is still on the wire; the
+    purchase then succeeds. The worker keeps asking about the abandoned purchase: the late
+    keys go to our stock, the late top-up becomes a claim to recover; staff see both."""
+    with pipeline_rig(backend_container, backend, tmp_path, SIM_CONFIG) as rig:
+        proxy = HoldingProxy(
+            rig.sim.url,
+            lambda method, path, body: LATE_HOLD_S if method == "POST" else 0.0,
+        )
+        with ServerThread(proxy) as hop:
+            hop.start()
+            sid = rig.add_supplier("held", timeout_ms=TIMEOUT_MS)
+            _point_at(rig, sid, hop.url)
+            topup = rig.product(price_cents=1_000, sla_seconds=3)
+            keys = rig.product(kind=DeliveryKind.card_key, price_cents=1_000, sla_seconds=3)
+            rig.add_offer(topup, "held", "L-TOPUP", cost_cents=700)
+            rig.add_offer(keys, "held", "L-KEY", cost_cents=700)
+            t_no = rig.order(topup)["order_no"]
+            k_no = rig.order(keys, 2)["order_no"]
+            for no in (t_no, k_no):
+                rig.wait_status(no, {"refunded"}, timeout=20)
+            wait_for(lambda: proxy.pending == 0, 30, lambda: f"{proxy.pending} still held")
+
+            def claims() -> list[Any]:
+                return _sql(
+                    rig, "SELECT kind, state, amount_cents, keys_count FROM supplier_claims"
+                )
+
+            wait_for(lambda: len(claims()) == 2, 30, lambda: f"claims: {claims()}")
+            assert sorted(tuple(c) for c in claims()) == [
+                ("keys_to_stock", "stocked", 1_400, 2),
+                ("overcharge", "open", 700, 0),
+            ]
+            procs = _sql(rig, "SELECT state, charged_at, late_check_at FROM procurements")
+            assert [(p.state, bool(p.charged_at), p.late_check_at) for p in procs] == [
+                ("abandoned", True, None)
+            ] * 2
+            # The late keys are on sale (the order that was refunded holds none).
+            stock = _sql(
+                rig,
+                "SELECT state, order_line_id FROM card_keys WHERE sku_id = "
+                f"{rig.container.sku(keys).id}",
+            )
+            assert [(s.state, s.order_line_id) for s in stock] == [("available", None)] * 2
+            assert sum(int(o["bought"]) for o in rig.purchases().values()) == 2
+            factories.assert_books_clean(rig.container)
+            assert all(r.ok for r in _reconcile(rig))
+
+            # Staff see them, and settle the overcharge (audited, a note required).
+            listed = json.loads(_ok(_cli(rig, "supplier", "claims", "--json")))
+            assert {(c["order_no"], c["kind"], c["state"]) for c in listed} == {
+                (t_no, "overcharge", "open"),
+                (k_no, "keys_to_stock", "stocked"),
+            }
+            open_id = next(c["id"] for c in listed if c["state"] == "open")
+            metrics = httpx.get(f"{rig.url}/metrics", timeout=10).text
+            assert "kameng_supplier_claims_open 1.0" in metrics
+            missing_note = _cli(rig, "supplier", "claim-resolve", str(open_id), "--note", " ")
+            assert missing_note.returncode == 2 and "Traceback" not in missing_note.stderr
+            _ok(_cli(rig, "supplier", "claim-resolve", str(open_id), "--note", "credited"))
+            again = _cli(rig, "supplier", "claim-resolve", str(open_id), "--note", "twice")
+            assert again.returncode == 2, again.stdout
+            assert _sql(rig, "SELECT state, note FROM supplier_claims WHERE id = " + str(open_id))[
+                0
+            ] == ("resolved", "credited")
+            audit = _sql(rig, "SELECT action FROM audit_log WHERE action LIKE 'supplier.claim%'")
+            assert [a.action for a in audit] == ["supplier.claim_resolve"]
+
+
+def _cli(rig: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(rig.container, *args)
+
+
+def _ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.args, result.stdout, result.stderr)
+    return result.stdout

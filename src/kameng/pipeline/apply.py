@@ -184,10 +184,27 @@ def apply_result(
     source = f"supplier:{supplier_code}"
     keys = [(k.code, k.secret) for k in result.keys]
 
+    succeeded = result.outcome in (Outcome.delivered, Outcome.partial)
+    if succeeded and _revivable(conn, loaded=loaded, proc=proc, state=state):
+        # Refused in a way a late copy could undo, and a copy did succeed before the line was
+        # bought anywhere else (no new purchase starts while such a question is open): this
+        # purchase serves its line after all.
+        suppliers.update_procurement(
+            conn,
+            procurement_id=proc.id,
+            state=ProcurementState.accepted,
+            now=now,
+            settles_at=None,
+            late_check_at=None,
+        )
+        state = ProcurementState.accepted
+        proc = suppliers.procurement_by_out_trade_no(
+            conn, supplier_id=proc.supplier_id, out_trade_no=proc.out_trade_no
+        )
+
     if state not in LIVE_STATES:
         # Final already. A success now, for a purchase we had given up on (refused, never
         # arrived, abandoned at the deadline), is a late success: caught, never lost.
-        succeeded = result.outcome in (Outcome.delivered, Outcome.partial)
         if succeeded and state is not ProcurementState.delivered:
             return _late_success(
                 conn, vault, loaded=loaded, proc=proc, keys=keys, source=source, now=now, **extra
@@ -215,9 +232,19 @@ def apply_result(
                 state=ProcurementState.rejected,
                 now=now,
                 reason=result.reason[:64] or "order_closed",
-                settles_at=suppliers.refusal_settles_at(
-                    proc, promises, binding=result.binding, now=now
-                ),
+                **_refusal_times(proc, promises, binding=result.binding, now=now),
+                **extra,
+            )
+        else:
+            # Still open at the supplier, for an order that no longer wants it: give it up and
+            # keep asking until its outcome is known (a late success is caught, never lost).
+            suppliers.update_procurement(
+                conn,
+                procurement_id=proc.id,
+                state=ProcurementState.abandoned,
+                now=now,
+                reason="order_closed",
+                late_check_at=now,
                 **extra,
             )
         return "order_closed"
@@ -333,6 +360,7 @@ def apply_result(
         return "accepted"
 
     settles_at = now
+    refusal: dict[str, Any] = {"settles_at": now}
     if outcome is Outcome.not_found:
         # "Not found" is not a refusal while a copy of our request may still arrive and buy
         # (DESIGN §5.3): only once none can is it known that nothing was bought.
@@ -342,7 +370,8 @@ def apply_result(
                 conn, loaded=loaded, proc=proc, state=state, timing=timing, now=now, **extra
             )
     elif outcome is Outcome.rejected:
-        settles_at = suppliers.refusal_settles_at(proc, promises, binding=result.binding, now=now)
+        refusal = _refusal_times(proc, promises, binding=result.binding, now=now)
+        settles_at = refusal["settles_at"]
 
     if outcome in (Outcome.rejected, Outcome.not_found):
         reason = result.reason or ("not_received" if outcome is Outcome.not_found else "rejected")
@@ -373,7 +402,7 @@ def apply_result(
             state=ProcurementState.rejected,
             now=now,
             reason=reason[:64],
-            settles_at=settles_at,
+            **refusal,
             **extra,
         )
         supplier_fault = reason in suppliers.SUPPLIER_WIDE
@@ -422,6 +451,34 @@ def apply_result(
         detail=result.detail,
         **extra,
     )
+
+
+def _revivable(
+    conn: Connection, *, loaded: fulfil.Loaded, proc: Any, state: ProcurementState
+) -> bool:
+    """A refused purchase that succeeded late can still serve its line when the order is
+    waiting to be procured and no other purchase of the line is open or done."""
+    if state is not ProcurementState.rejected or loaded.order.status not in (
+        Status.fulfilling.value,
+        Status.backordered.value,
+    ):
+        return False
+    if loaded.order.stage == Stage.staff_processing.value:
+        return False
+    others = suppliers.procurements_of_line(conn, line_id=loaded.line.id)
+    return not any(
+        p.id != proc.id and (p.state != ProcurementState.rejected.value or p.charged_at)
+        for p in others
+    )
+
+
+def _refusal_times(
+    proc: Any, promises: suppliers.Promises, *, binding: bool, now: datetime
+) -> dict[str, Any]:
+    """When a refused purchase is settled, and — when a late copy could still undo the
+    refusal — when the worker asks the supplier about it once more (after it settled)."""
+    settles_at = suppliers.refusal_settles_at(proc, promises, binding=binding, now=now)
+    return {"settles_at": settles_at, "late_check_at": None if binding else settles_at}
 
 
 def _still_a_question(

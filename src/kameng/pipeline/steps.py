@@ -394,6 +394,8 @@ def expire_if_overdue(conn: Connection, ctx: StepContext, *, order_id: int, now:
             state=ProcurementState.abandoned,
             now=now,
             reason="order_deadline",
+            # It may still succeed: the worker keeps asking, and a late success is caught.
+            late_check_at=now,
         )
     if (
         live is not None

@@ -45,6 +45,8 @@ _beat = table(WorkerHeartbeat)
 PAYMENT_CHECK_EVERY_S = 1.0
 # Money owed to guests is paid back within about this long (rare; no hurry to the second).
 PAYOUT_EVERY_S = 10.0
+# Purchases given up on while they might still succeed are looked for this often.
+LATE_CHECK_EVERY_S = 2.0
 
 _CLAIM_PG = RawSQL(
     "UPDATE orders SET next_action_at = :lease WHERE id IN ("
@@ -154,6 +156,8 @@ class Worker:
         # The first reconciliation waits a round: a starting worker has orders to move first.
         last_reconcile = time.monotonic()
         reconcile_task: asyncio.Task[Any] | None = None
+        last_late_check = 0.0
+        late_check_task: asyncio.Task[Any] | None = None
         sem_free = s.worker_concurrency
         outbox_task: asyncio.Task[Any] | None = None
         balance_task: asyncio.Task[Any] | None = None
@@ -195,6 +199,11 @@ class Worker:
                 ):
                     last_reconcile = mono
                     reconcile_task = asyncio.create_task(self.reconcile_suppliers())
+                if (late_check_task is None or late_check_task.done()) and (
+                    mono - last_late_check >= LATE_CHECK_EVERY_S
+                ):
+                    last_late_check = mono
+                    late_check_task = asyncio.create_task(self.check_given_up())
                 if outbox_task is None or outbox_task.done():
                     outbox_task = asyncio.create_task(outbox.send_due(self.container, http))
                 if (payments_task is None or payments_task.done()) and (
@@ -244,6 +253,7 @@ class Worker:
                 payments_task,
                 payout_task,
                 reconcile_task,
+                late_check_task,
             ):
                 if side_task is not None:
                     side_task.cancel()
@@ -301,6 +311,14 @@ class Worker:
             )
         except Exception as exc:
             log.warning("supplier reconciliation failed: %s", type(exc).__name__)
+
+    async def check_given_up(self) -> None:
+        try:
+            await supplier_checks.check_given_up(
+                self.container, self.adapters.get, timing=self.ctx.timing
+            )
+        except Exception as exc:
+            log.warning("late checks failed: %s", type(exc).__name__)
 
     async def check_balances(self) -> None:
         def rows(conn: Connection) -> list[Any]:

@@ -119,6 +119,7 @@ class Procurement(Base):
             postgresql_where=text("state <> 'rejected'"),
         ),
         Index("ix_procurements_supplier_created", "supplier_id", "created_at"),
+        Index("ix_procurements_late_check_at", "late_check_at"),
     )
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     order_id: Mapped[int] = mapped_column(ForeignKey("orders.id"), index=True)
@@ -147,6 +148,10 @@ class Procurement(Base):
     # `kameng verify` allows at most one charged purchase per order line.
     charged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     charged_cents: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # For a purchase we gave up on while it might still succeed (abandoned at the order's
+    # deadline, or refused in a way a late copy could undo): when the worker asks the supplier
+    # about it next. NULL once its outcome is known.
+    late_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class ClaimKind(StrEnum):

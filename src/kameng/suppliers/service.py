@@ -122,16 +122,23 @@ def refusal_settles_at(proc: Any, promises: Promises, *, binding: bool, now: dat
     return max(now, may_still_land_until(proc, promises))
 
 
+# How long an order waits for the worker to ask about a refused purchase whose question is due.
+LATE_CHECK_WAIT = timedelta(seconds=5)
+
+
 def unsettled_until(rows: list[Any], *, now: datetime) -> datetime | None:
-    """The latest time a refused purchase of the line may still be charged, if in the future:
-    nothing new may be bought for the line before it."""
-    times = [
-        r.settles_at
-        for r in rows
-        if r.state == ProcurementState.rejected.value
-        and r.settles_at is not None
-        and r.settles_at > now
-    ]
+    """When the line may be bought again, if not now: a refused purchase of it may still be
+    charged by a copy in flight until it settles, and one whose late check is pending keeps
+    the question open until the supplier has been asked (a copy that did succeed then serves
+    the line instead of a second purchase)."""
+    times = []
+    for r in rows:
+        if r.state != ProcurementState.rejected.value:
+            continue
+        if r.settles_at is not None and r.settles_at > now:
+            times.append(r.settles_at)
+        if r.late_check_at is not None:
+            times.append(max(r.late_check_at, now) + LATE_CHECK_WAIT)
     return max(times) if times else None
 
 
@@ -205,6 +212,10 @@ def supplier_by_code(conn: Connection, code: str) -> Any:
     if row is None:
         raise KamengError(ErrorCode.not_found, detail=f"supplier {code}")
     return row
+
+
+def supplier_by_id(conn: Connection, *, supplier_id: int) -> Any:
+    return conn.execute(select(_supplier).where(_supplier.c.id == supplier_id)).one()
 
 
 def all_suppliers(conn: Connection) -> list[Any]:
@@ -425,6 +436,51 @@ def update_procurement(
 
 def procurement_by_out_trade_no(conn: Connection, *, supplier_id: int, out_trade_no: str) -> Any:
     return conn.execute(_PROC_BY_NO, {"sid": supplier_id, "no": out_trade_no}).first()
+
+
+# -- purchases given up on, asked about until their outcome is known -----------------------------
+
+LATE_CHECK_FIRST_S = 5
+LATE_CHECK_CAP_S = 900
+
+
+def given_up_due(conn: Connection, *, now: datetime, limit: int) -> list[Any]:
+    """Procurements given up on (abandoned, or refused in a way a late copy could undo) whose
+    next question to the supplier is due."""
+    return list(
+        conn.execute(
+            select(_proc)
+            .where(_proc.c.late_check_at.is_not(None), _proc.c.late_check_at <= now)
+            .order_by(_proc.c.late_check_at)
+            .limit(limit)
+        )
+    )
+
+
+def next_late_check(
+    proc: Any, outcome: str, promises: Promises, *, now: datetime
+) -> datetime | None:
+    """When to ask about a given-up purchase again after the supplier answered `outcome`;
+    None once the answer is final (delivered, refused, or not found when no copy can land)."""
+    if outcome in ("delivered", "rejected"):
+        return None
+    if outcome == "not_found" and now >= may_still_land_until(proc, promises):
+        return None
+    # Ask again after half the time since we gave up on it: often at first, when a late
+    # copy is most likely, then less and less (between 5 s and 15 min).
+    given_up = proc.finished_at or proc.updated_at or now
+    step = (now - given_up).total_seconds() / 2
+    return now + timedelta(seconds=min(max(step, LATE_CHECK_FIRST_S), LATE_CHECK_CAP_S))
+
+
+def set_late_check(
+    conn: Connection, *, procurement_id: int, at: datetime | None, attempts: int
+) -> None:
+    conn.execute(
+        update(_proc)
+        .where(_proc.c.id == procurement_id)
+        .values(late_check_at=at, attempts=attempts)
+    )
 
 
 # -- late successes (claims) ----------------------------------------------------------------------

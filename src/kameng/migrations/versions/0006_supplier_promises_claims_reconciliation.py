@@ -40,12 +40,21 @@ def upgrade() -> None:
             sa.Column("charged_at", kameng.db.UTCDateTime(timezone=True), nullable=True)
         )
         batch_op.add_column(sa.Column("charged_cents", sa.BigInteger(), nullable=True))
+        batch_op.add_column(
+            sa.Column("late_check_at", kameng.db.UTCDateTime(timezone=True), nullable=True)
+        )
+        batch_op.create_index("ix_procurements_late_check_at", ["late_check_at"], unique=False)
     op.execute("UPDATE procurements SET last_sent_at = updated_at")
     op.execute(
         "UPDATE procurements SET charged_at = updated_at, charged_cents = cost_cents "
         "WHERE state = 'delivered' OR (state = 'partial' AND keys_received > 0)"
     )
     op.execute("UPDATE procurements SET settles_at = finished_at WHERE state = 'rejected'")
+    # Purchases abandoned at a deadline before this release were never asked about again.
+    op.execute(
+        "UPDATE procurements SET late_check_at = updated_at "
+        "WHERE state = 'abandoned' AND keys_received = 0"
+    )
     op.create_table(
         "supplier_claims",
         sa.Column("id", _ID, nullable=False),
@@ -110,6 +119,8 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_supplier_claims_supplier_id"))
     op.drop_table("supplier_claims")
     with op.batch_alter_table("procurements", schema=None) as batch_op:
+        batch_op.drop_index("ix_procurements_late_check_at")
+        batch_op.drop_column("late_check_at")
         batch_op.drop_column("charged_cents")
         batch_op.drop_column("charged_at")
         batch_op.drop_column("settles_at")
