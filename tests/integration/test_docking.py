@@ -26,11 +26,14 @@ import pytest
 from sqlalchemy import text
 from tests.conftest import backend_container
 from tests.support import factories
+from tests.support.holding_proxy import HoldingProxy
 from tests.support.pipeline import FAST, WorkerThread, wait_for
 
 from kameng.apiclient import ResellerClient
 from kameng.app import create_app
 from kameng.container import Container
+from kameng.pipeline.registry import Adapters
+from kameng.pipeline.supplier_checks import reconcile_suppliers
 from kameng.security.signing import webhook_header
 from kameng.suppliers import service as suppliers
 from kameng.suppliers.adapters.kameng import KamengSupplier
@@ -455,6 +458,54 @@ def test_a_lost_purchase_is_resolved_by_query_never_bought_twice(
             assert d.b_order_count() == 1
             assert d.a_balance_at_b() == 100_000 - 2 * B_PRICE
             d.books_clean()
+
+
+def test_purchases_held_in_the_network_are_bought_once_at_b(backend: str, tmp_path: Path) -> None:
+    """Every copy of A's order placement sits in the network for seconds past A's timeout
+    (re-sent copies too), and then reaches B. A keeps re-sending under its own number and
+    asking; B's Idempotency-Key turns every copy into the one order; nothing is bought twice,
+    and A's reconciliation of B's books against its own is clean."""
+    b_port = factories.free_port()
+    proxy = HoldingProxy(
+        f"http://127.0.0.1:{b_port}",
+        lambda method, path, body: 5.0 if (method, path) == ("POST", "/api/v1/orders") else 0.0,
+    )
+    with ServerThread(proxy) as hop:
+        hop.start()
+        with docked(
+            backend, tmp_path, b_stock=6, supplier_url=hop.url, timeout_ms=1_000, b_port=b_port
+        ) as d:
+            placed = [d.order_at_a(quantity=q)["order_no"] for q in (1, 2, 1)]
+            for no in placed:
+                d.wait_a(no, {"delivered"}, timeout=40)
+            wait_for(lambda: proxy.pending == 0, 30, lambda: f"{proxy.pending} still held")
+            time.sleep(0.5)
+            assert len(proxy.held) > len(placed)  # copies were re-sent while held
+            assert proxy.late_answers and set(proxy.late_answers) <= {200, 201}
+
+            for no in placed:
+                at_a, at_b = d.get_at_a(no), d.the_b_order_for(no)  # one B order per A order
+                assert key_set(at_a["keys"]) == key_set(at_b["keys"])
+            assert d.b_order_count() == 3
+            assert d.a_balance_at_b() == 100_000 - 4 * B_PRICE
+            procs = d.a.sql("SELECT out_trade_no, state FROM procurements ORDER BY id")
+            assert [(p.out_trade_no, p.state) for p in procs] == [
+                (no, "delivered") for no in placed
+            ]
+            d.books_clean()
+            adapters = Adapters(d.a.container.vault)
+
+            async def reconcile() -> list[Any]:
+                try:
+                    now = d.a.container.clock()
+                    return await reconcile_suppliers(
+                        d.a.container, adapters.get, since=now - timedelta(hours=1), until=now
+                    )
+                finally:
+                    await adapters.aclose()
+
+            (report,) = asyncio.run(reconcile())
+            assert report.ok and report.checked == 3, report.as_dict()
 
 
 def test_adapter_purchase_retried_under_the_same_number_is_one_order(
