@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 from tests.conftest import backend_container
 from tests.integration._helpers import run_cli
-from tests.support.pipeline import Rig, pipeline_rig
+from tests.support.pipeline import Rig, pipeline_rig, wait_for
 
 from kameng.suppliers.adapters.signed_http import SignedHttp
 from kameng.suppliers.adapters.simulator import SimulatorSupplier
@@ -162,3 +162,20 @@ def test_reconcile_names_every_mismatch_and_fails(backend: str, tmp_path: Path) 
 
         unknown = run_cli(rig.container, "supplier", "reconcile", "nosuch")
         assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+
+
+def test_the_worker_reconciles_on_its_own_and_metrics_show_it(tmp_path: Path) -> None:
+    with pipeline_rig(
+        backend_container, "sqlite", tmp_path, SIM_CONFIG, supplier_reconcile_s=1
+    ) as rig:
+        rig.add_supplier("recon")
+        sku = rig.product(price_cents=1_000)
+        rig.add_offer(sku, "recon", "R-TOPUP", cost_cents=700)
+        rig.wait_status(rig.order(sku)["order_no"], {"delivered"})
+        wait_for(lambda: gauge(rig, "recon") == 0.0, 15, lambda: f"gauge {gauge(rig, 'recon')}")
+        buy_at_sim(rig, "STRANGER-W")
+        wait_for(lambda: gauge(rig, "recon") == 1.0, 15, lambda: f"gauge {gauge(rig, 'recon')}")
+        health = httpx.get(f"{rig.url}/healthz", timeout=10).json()
+        assert health["pipeline"]["suppliers"]["recon"]["reconciliation_mismatches"] == 1, health
+        runs = sql(rig, "SELECT checked, mismatches, complete FROM supplier_reconciliations")
+        assert runs[-1] == (2, 1, True)
