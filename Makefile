@@ -26,13 +26,14 @@ run: demo
 	@echo
 	@echo "kameng is starting on http://127.0.0.1:8000"
 	@echo "  storefront (buy, pay, track)  http://127.0.0.1:8000/"
-	@echo "  demo buyer login          buyer@kameng.test / kameng-demo  (¥100 balance; or buy as a guest)"
+	@echo "  demo buyer login          buyer@kameng.test / $$($(BIN)/python -c 'import json; print(json.load(open("$(KAMENG_DATA_DIR)/demo-credentials.json"))["member_password"])')  (¥100 balance; or buy as a guest)"
 	@echo "  demo payment gateway      http://127.0.0.1:8702/_sim/state  (EPay simulator: click 确认支付 Pay)"
 	@echo "  Reseller API docs         http://127.0.0.1:8000/api/v1/docs"
 	@echo "  OpenAPI                   http://127.0.0.1:8000/api/v1/openapi.json"
 	@echo "  health / metrics          http://127.0.0.1:8000/healthz  /metrics"
 	@echo "  demo supplier (simulator) http://127.0.0.1:8701/_sim/state"
 	@echo "  demo reseller: the api_key / api_secret printed above"
+	@echo "  every demo credential (generated for this installation): $(KAMENG_DATA_DIR)/demo-credentials.json"
 	@echo "  buy a key from another terminal:  $(BIN)/python examples/buy.py STEAM-50"
 	@echo "  a top-up procured upstream:       $(BIN)/python examples/buy.py PHONE-50 1 phone=13800138000"
 	@echo

@@ -5,11 +5,15 @@ import sys
 
 from kameng.app import create_app
 from kameng.config import get_settings
+from kameng.startup_checks import check_or_exit, public_url
 
 # SQLite calls release the GIL; with the default 5 ms switch interval a thread that holds the
 # database write lock waits behind busy request threads to get the GIL back after every
 # statement (a lock convoy). A shorter interval keeps the write lock's hold time short.
 app = create_app(embedded_worker=get_settings().embedded_worker)
+# Whatever starts this app (`kameng serve`, or uvicorn/gunicorn directly), a simulator gateway or
+# supplier never serves behind a public address.
+check_or_exit(app.state.container, public_url=public_url(get_settings()))
 if app.state.container.db.is_sqlite:
     sys.setswitchinterval(0.0005)
 

@@ -1,32 +1,50 @@
 """`kameng demo`: a small, realistic catalog with stock and a funded demo reseller.
 
-Safe to run again: existing products are kept, stock is topped up to the requested level, and
-the demo reseller gets a fresh key (a secret can only be shown when it is issued). A bundled
-supplier simulator is connected behind the top-ups and, when own stock runs out, the card keys;
-`kameng serve --demo-supplier` runs it.
+Safe to run again on its own database: existing products are kept, stock is topped up to the
+requested level, and the demo reseller and admin get fresh credentials (a secret can only be
+shown when it is issued). A bundled supplier simulator is connected behind the top-ups and, when
+own stock runs out, the card keys; `kameng serve --demo-supplier` runs it.
+
+It refuses a database that holds anything it did not create (see `kameng.demo_census`): its
+gateway and supplier are simulators anyone can "pay" through. Every secret it sets up (the
+gateway's merchant key, the supplier's signing secret, the buyer's password, the reseller's
+API secret, the admin token) is generated for this installation, never taken from the source:
+the gateway key and supplier secret live sealed in the database, where `kameng serve
+--demo-gateway --demo-supplier` reads them, and what a developer needs is printed and saved to
+`<data_dir>/demo-credentials.json` (0600).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from cryptography.exceptions import InvalidTag
+from sqlalchemy import select, update
 
+from kameng import demo_census
 from kameng.catalog import service as catalog
 from kameng.catalog.models import DeliveryKind, Product
 from kameng.container import Container
+from kameng.db import table
+from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.inventory.flows import import_lines
 from kameng.ledger import service as ledger
 from kameng.members import service as members
 from kameng.payments import service as payments
+from kameng.payments.gateway_sim.app import DEFAULT_KEY as SIM_PUBLISHED_GATEWAY_KEY
 from kameng.resellers import service as resellers
 from kameng.resellers.models import Reseller
 from kameng.resellers.service import IssuedCredential
 from kameng.suppliers import service as suppliers
+from kameng.suppliers.models import Supplier
+from kameng.suppliers.simulator.app import DEFAULT_MERCHANT_SECRET as SIM_PUBLISHED_SECRET
 
 DEMO_RESELLER = "demo"
 DEMO_BALANCE_CENTS = 1_000_000  # ¥10,000.00
@@ -113,7 +131,10 @@ DEMO_STAFF = "demo-admin"
 
 DEMO_SUPPLIER = "demo-sim"
 DEMO_SUPPLIER_PORT = 8701
-DEMO_MERCHANT = ("demo-merchant", "demo-merchant-secret")  # the simulator's published demo pair
+DEMO_SUPPLIER_API_KEY = "demo-merchant"  # an account name at the simulator, not a secret
+# Secrets printed in the simulators' source and docs: an older `kameng demo` configured them, so
+# a database that still holds one gets a generated secret instead.
+PUBLISHED_SECRETS = frozenset({SIM_PUBLISHED_GATEWAY_KEY, SIM_PUBLISHED_SECRET})
 # The bundled simulator behind the demo: top-ups are always procured upstream (one by callback,
 # one answered at once), and card keys fall back to it when our own stock runs out. Latencies
 # are real enough to watch an order move through its stages.
@@ -180,16 +201,41 @@ def demo_supplier_config_path(container: Container) -> Path:
     return Path(container.settings.data_dir) / "demo-supplier.json"
 
 
-def seed_supplier(container: Container) -> None:
-    """Connect the demo simulator as a supplier and offer it behind the demo SKUs."""
+def credentials_path(container: Container) -> Path:
+    return Path(container.settings.data_dir) / "demo-credentials.json"
+
+
+def _supplier_secret(container: Container, row: Any) -> str:
+    return container.vault.unseal(bytes(row.sealed_secret), suppliers.secret_context(row.code))
+
+
+def seed_supplier(container: Container) -> tuple[str, str]:
+    """Connect the demo simulator as a supplier and offer it behind the demo SKUs; returns the
+    (api key, secret) the simulator must be started with."""
     path = demo_supplier_config_path(container)
     path.write_text(json.dumps(DEMO_SUPPLIER_CONFIG, ensure_ascii=False, indent=2))
     now = container.clock()
     with container.db.connect() as conn:
         existing = {row.code: row for row in suppliers.all_suppliers(conn)}
         if DEMO_SUPPLIER in existing:
-            supplier_id = existing[DEMO_SUPPLIER].id
+            row = existing[DEMO_SUPPLIER]
+            supplier_id, api_key = row.id, row.api_key
+            secret = _supplier_secret(container, row)
+            if secret in PUBLISHED_SECRETS:
+                secret = secrets.token_urlsafe(32)
+                # The suppliers service has no way to change a secret yet; only the demo
+                # needs one, for its own row.
+                conn.execute(
+                    update(table(Supplier))
+                    .where(table(Supplier).c.id == supplier_id)
+                    .values(
+                        sealed_secret=container.vault.seal(
+                            secret, suppliers.secret_context(DEMO_SUPPLIER)
+                        )
+                    )
+                )
         else:
+            api_key, secret = DEMO_SUPPLIER_API_KEY, secrets.token_urlsafe(32)
             supplier_id = suppliers.create_supplier(
                 conn,
                 container.vault,
@@ -197,8 +243,8 @@ def seed_supplier(container: Container) -> None:
                 name="演示上游 (simulator)",
                 adapter="simulator",
                 base_url=f"http://127.0.0.1:{DEMO_SUPPLIER_PORT}",
-                api_key=DEMO_MERCHANT[0],
-                secret=DEMO_MERCHANT[1],
+                api_key=api_key,
+                secret=secret,
                 timeout_ms=5000,
                 now=now,
             )
@@ -212,42 +258,77 @@ def seed_supplier(container: Container) -> None:
                 now=now,
             )
     container.invalidate_caches()
+    return api_key, secret
 
 
 DEMO_GATEWAY = "demo-epay"
 DEMO_GATEWAY_PORT = 8702
-DEMO_GATEWAY_MERCHANT = ("1001", "demo-epay-key")  # the gateway simulator's published demo pair
-DEMO_MEMBER = ("buyer@kameng.test", "kameng-demo")
+DEMO_GATEWAY_PID = "1001"  # the merchant number at the simulator, not a secret
+DEMO_MEMBER_EMAIL = "buyer@kameng.test"
 DEMO_MEMBER_BALANCE_CENTS = 10_000  # ¥100.00
 
 
-def seed_gateway(container: Container) -> None:
-    """The bundled EPay simulator as the demo's payment gateway (`kameng serve --demo-gateway`)."""
+def seed_gateway(container: Container) -> tuple[str, str]:
+    """The bundled EPay simulator as the demo's payment gateway (`kameng serve --demo-gateway`);
+    returns the (pid, merchant key) the simulator must be started with."""
     with container.db.connect() as conn:
-        if any(g.code == DEMO_GATEWAY for g in payments.list_gateways(conn)):
-            return
-        payments.add_gateway(
-            conn,
-            vault=container.vault,
-            code=DEMO_GATEWAY,
-            name="易支付（演示网关）",
-            base_url=f"http://127.0.0.1:{DEMO_GATEWAY_PORT}",
-            merchant_id=DEMO_GATEWAY_MERCHANT[0],
-            key=DEMO_GATEWAY_MERCHANT[1],
-            pay_types="alipay,wxpay",
-            now=container.clock(),
-        )
-
-
-def seed_member(container: Container) -> None:
-    """A demo buyer account with a little balance, so both ways of paying can be tried."""
-    email, password = DEMO_MEMBER
-    with container.db.connect() as conn:
-        member_id = members.find_member(conn, email=email)
-        if member_id is None:
-            member_id = members.register(
-                conn, email=email, password=password, language="zh-CN", now=container.clock()
+        row = next((g for g in payments.list_gateways(conn) if g.code == DEMO_GATEWAY), None)
+        if row is None:
+            key = secrets.token_hex(16)
+            payments.add_gateway(
+                conn,
+                vault=container.vault,
+                code=DEMO_GATEWAY,
+                name="易支付（演示网关）",
+                base_url=f"http://127.0.0.1:{DEMO_GATEWAY_PORT}",
+                merchant_id=DEMO_GATEWAY_PID,
+                key=key,
+                pay_types="alipay,wxpay",
+                now=container.clock(),
             )
+            return DEMO_GATEWAY_PID, key
+        key = payments.gateway_key(container.vault, row)
+        if key in PUBLISHED_SECRETS:
+            key = secrets.token_hex(16)
+            payments.set_gateway_key(conn, vault=container.vault, code=DEMO_GATEWAY, key=key)
+        return str(row.merchant_id), key
+
+
+def _saved_member_password(container: Container) -> str | None:
+    try:
+        saved = json.loads(credentials_path(container).read_text())
+    except (OSError, ValueError):
+        return None
+    password = saved.get("member_password") if isinstance(saved, dict) else None
+    return password if isinstance(password, str) else None
+
+
+def seed_member(container: Container) -> str:
+    """A demo buyer account with a little balance, so both ways of paying can be tried; returns
+    its password. The password saved by the last run is kept while it still opens the account
+    (a developer's browser remembers it); otherwise a new one is generated."""
+    saved = _saved_member_password(container)
+    with container.db.connect() as conn:
+        member_id = members.find_member(conn, email=DEMO_MEMBER_EMAIL)
+        password = saved
+        if member_id is not None and saved is not None:
+            try:
+                members.authenticate(conn, email=DEMO_MEMBER_EMAIL, password=saved)
+            except KamengError:
+                password = None
+        if member_id is None or password is None:
+            password = secrets.token_urlsafe(12)
+            password_hash = members.hash_password(password)
+            if member_id is None:
+                member_id = members.register(
+                    conn,
+                    email=DEMO_MEMBER_EMAIL,
+                    password_hash=password_hash,
+                    language="zh-CN",
+                    now=container.clock(),
+                )
+            else:
+                members.set_password_hash(conn, member_id=member_id, password_hash=password_hash)
         wallet = ledger.wallet_account(conn, owner_type="member", owner_id=member_id)
         available, _ = ledger.balances(conn, wallet_id=wallet)
         if available < DEMO_MEMBER_BALANCE_CENTS:
@@ -260,6 +341,7 @@ def seed_member(container: Container) -> None:
                 actor="system:demo",
                 memo="demo member balance",
             )
+    return password
 
 
 def seed_staff(container: Container) -> str:
@@ -273,8 +355,111 @@ def seed_staff(container: Container) -> str:
         return staff.create(conn, name=DEMO_STAFF, role="admin", actor="system:demo", now=now)
 
 
-def seed(container: Container, *, keys_per_sku: int = 200) -> IssuedCredential:
+@dataclass(frozen=True)
+class DemoCredentials:
+    """Everything a developer needs to use the demo; shown once and saved 0600."""
+
+    reseller: IssuedCredential
+    staff_token: str
+    member_password: str
+    gateway_pid: str
+    gateway_key: str
+    supplier_api_key: str
+    supplier_secret: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "reseller": self.reseller.name,
+            "api_key": self.reseller.api_key,
+            "api_secret": self.reseller.api_secret,
+            "staff": DEMO_STAFF,
+            "staff_token": self.staff_token,
+            "member_email": DEMO_MEMBER_EMAIL,
+            "member_password": self.member_password,
+            "gateway": DEMO_GATEWAY,
+            "gateway_pid": self.gateway_pid,
+            "gateway_key": self.gateway_key,
+            "supplier": DEMO_SUPPLIER,
+            "supplier_api_key": self.supplier_api_key,
+            "supplier_secret": self.supplier_secret,
+        }
+
+
+def own_rows() -> dict[str, frozenset[str]]:
+    """The names of the rows the demo creates, per kind `demo_census` checks."""
+    return {
+        "products": frozenset(spec["slug"] for spec in PRODUCTS),
+        "skus": frozenset(sku[0] for spec in PRODUCTS for sku in spec["skus"]),
+        "suppliers": frozenset({DEMO_SUPPLIER}),
+        "gateways": frozenset({DEMO_GATEWAY}),
+        "resellers": frozenset({DEMO_RESELLER}),
+        "staff": frozenset({DEMO_STAFF}),
+    }
+
+
+def _seeded_by_older_demo(container: Container, conn: Any) -> bool:
+    """A database an older `kameng demo` seeded, before it marked its databases: its gateway
+    still takes the merchant key printed in the simulator's source."""
+    try:
+        row = payments.get_gateway(conn, code=DEMO_GATEWAY)
+        return payments.gateway_key(container.vault, row) in PUBLISHED_SECRETS
+    except (KamengError, InvalidTag):  # no such gateway, or sealed under another master key
+        return False
+
+
+def census(container: Container) -> demo_census.Census:
+    """What in the database the demo did not create (nothing is written)."""
+    with container.db.connect(write=False) as conn:
+        owned = demo_census.is_marked(conn) or _seeded_by_older_demo(container, conn)
+        return demo_census.take(conn, own=own_rows(), demo_owned=owned)
+
+
+def seed(
+    container: Container,
+    *,
+    keys_per_sku: int = 200,
+    force: bool = False,
+    on_forced: Callable[[str], None] | None = None,
+) -> DemoCredentials:
+    """Seed the demo and save its credentials. A database holding anything the demo did not
+    create is refused (`demo_database_in_use`) before anything is written, unless `force`;
+    `on_forced` then hears what is being overridden, before the work starts."""
+    found = census(container)
+    if found.foreign:
+        if not force:
+            raise KamengError(ErrorCode.demo_database_in_use, found=found.summary())
+        if on_forced is not None:
+            on_forced(found.summary())
     container.bootstrap()
+    _seed_catalog(container, keys_per_sku=keys_per_sku)
+    supplier_api_key, supplier_secret = seed_supplier(container)
+    gateway_pid, gateway_key = seed_gateway(container)
+    member_password = seed_member(container)
+    issued = _seed_reseller(container)
+    staff_token = seed_staff(container)
+    with container.db.connect() as conn:
+        demo_census.mark(conn, census=found, now=container.clock())
+    credentials = DemoCredentials(
+        reseller=issued,
+        staff_token=staff_token,
+        member_password=member_password,
+        gateway_pid=gateway_pid,
+        gateway_key=gateway_key,
+        supplier_api_key=supplier_api_key,
+        supplier_secret=supplier_secret,
+    )
+    _save(credentials_path(container), credentials.as_dict())
+    return credentials
+
+
+def _save(path: Path, data: dict[str, str]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+
+
+def _seed_catalog(container: Container, *, keys_per_sku: int) -> None:
     with container.db.unit_of_work() as session:
         for spec in PRODUCTS:
             if session.scalar(select(Product.id).where(Product.slug == spec["slug"])):
@@ -323,9 +508,9 @@ def seed(container: Container, *, keys_per_sku: int = 200) -> IssuedCredential:
                     unit_cost_cents=sku.cost_cents,
                     actor="system:demo",
                 )
-    seed_supplier(container)
-    seed_gateway(container)
-    seed_member(container)
+
+
+def _seed_reseller(container: Container) -> IssuedCredential:
     with container.db.unit_of_work() as session:
         exists = session.scalar(select(Reseller.id).where(Reseller.name == DEMO_RESELLER))
         if exists:
@@ -354,3 +539,28 @@ def seed(container: Container, *, keys_per_sku: int = 200) -> IssuedCredential:
                 memo="demo balance",
             )
     return issued
+
+
+def demo_gateway_merchant(container: Container) -> tuple[str, str]:
+    """The (pid, key) the gateway simulator of `kameng serve --demo-gateway` accepts: the demo
+    gateway's own, from the database."""
+    with container.db.connect(write=False) as conn:
+        row = payments.get_gateway(conn, code=DEMO_GATEWAY)
+    return str(row.merchant_id), _not_published(payments.gateway_key(container.vault, row))
+
+
+def demo_supplier_credentials(container: Container) -> tuple[str, str]:
+    """The (api key, secret) the supplier simulator of `kameng serve --demo-supplier` accepts:
+    the demo supplier's own, from the database."""
+    with container.db.connect(write=False) as conn:
+        row = suppliers.supplier_by_code(conn, DEMO_SUPPLIER)
+    return str(row.api_key), _not_published(_supplier_secret(container, row))
+
+
+def _not_published(secret: str) -> str:
+    if secret in PUBLISHED_SECRETS:
+        raise KamengError(
+            ErrorCode.invalid_request,
+            detail="the demo still uses a secret published in the source: run `kameng demo`",
+        )
+    return secret

@@ -85,6 +85,9 @@ class ErrorCode(StrEnum):
     document_already_decided = "document_already_decided"
     too_many_pending_documents = "too_many_pending_documents"
     reject_reason_required = "reject_reason_required"
+    # installation safety: the demo and the bundled simulators
+    demo_database_in_use = "demo_database_in_use"
+    simulator_on_public_url = "simulator_on_public_url"
 
 
 MESSAGES: dict[ErrorCode, tuple[str, str]] = {
@@ -288,6 +291,22 @@ MESSAGES: dict[ErrorCode, tuple[str, str]] = {
         "驳回资质文件须填写原因（会展示给买家）",
         "Rejecting a document needs a reason (the buyer is shown it)",
     ),
+    ErrorCode.demo_database_in_use: (
+        "数据库里有 kameng demo 没有创建的数据（{found}），演示数据不会写入在用的店铺。"
+        "请让 KAMENG_DATA_DIR / KAMENG_DATABASE_URL 指向一个空数据库；确定要写入请加 --force",
+        "The database holds data kameng demo did not create ({found}); the demo is not seeded "
+        "into a shop in use. Point KAMENG_DATA_DIR / KAMENG_DATABASE_URL at an empty database, "
+        "or add --force if you are sure",
+    ),
+    ErrorCode.simulator_on_public_url: (
+        "已启用演示或模拟的支付网关/上游（{what}），而公开地址 {public_url} 不是本机回环地址："
+        "任何人都能在模拟网关上“付款”并拿走卡密。演示只在 127.0.0.1 / localhost 上运行；"
+        "对外的店铺请用不含它们的数据库（或停用它们）",
+        "A demo or simulator payment gateway / supplier is enabled ({what}) while the public URL "
+        '{public_url} is not a loopback address: anyone could "pay" at the simulator and take '
+        "card keys. Run demos on 127.0.0.1 / localhost only; give a public shop a database "
+        "without them (or disable them)",
+    ),
 }
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -354,6 +373,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.document_already_decided: 409,
     ErrorCode.too_many_pending_documents: 409,
     ErrorCode.reject_reason_required: 422,
+    ErrorCode.demo_database_in_use: 409,
+    ErrorCode.simulator_on_public_url: 409,
 }
 
 

@@ -78,13 +78,21 @@ def serve(
     import uvicorn
 
     from kameng.config import get_settings
+    from kameng.startup_checks import check_or_exit, public_url
 
     os.environ["KAMENG_EMBEDDED_WORKER"] = "1" if worker else "0"
     settings = get_settings()
+    container = _container()
+    started = [
+        *(["the supplier simulator of --demo-supplier"] if demo_supplier else []),
+        *(["the EPay gateway simulator of --demo-gateway"] if demo_gateway else []),
+    ]
+    check_or_exit(container, public_url=public_url(settings, host=host, port=port), started=started)
     if demo_supplier:
-        _start_demo_supplier(settings)
+        _start_demo_supplier(container)
     if demo_gateway:
-        _start_demo_gateway()
+        _start_demo_gateway(container)
+    container.close()
     uvicorn.run(
         "kameng.asgi:app",
         host=host or settings.host,
@@ -97,30 +105,38 @@ def serve(
     )
 
 
-def _start_demo_supplier(settings: Any) -> None:
-    from kameng.demo import DEMO_MERCHANT, DEMO_SUPPLIER_PORT
+def _start_demo_supplier(container: Any) -> None:
+    """The supplier simulator, taking the secret `kameng demo` generated for this database."""
+    from kameng.demo import DEMO_SUPPLIER_PORT, demo_supplier_config_path, demo_supplier_credentials
     from kameng.suppliers.simulator.app import create_app as create_sim
     from kameng.suppliers.simulator.config import load_config
     from kameng.suppliers.simulator.runner import ServerThread
 
-    path = settings.data_dir / "demo-supplier.json"
+    path = demo_supplier_config_path(container)
     if not path.exists():
         err_console.print("no demo supplier configured: run `kameng demo` first")
         raise typer.Exit(2)
-    sim = create_sim(
-        load_config(path), merchant_key=DEMO_MERCHANT[0], merchant_secret=DEMO_MERCHANT[1]
-    )
+    try:
+        api_key, secret = demo_supplier_credentials(container)
+    except KamengError as exc:
+        err_console.print(f"no demo supplier configured ({exc.code}): run `kameng demo` first")
+        raise typer.Exit(2) from exc
+    sim = create_sim(load_config(path), merchant_key=api_key, merchant_secret=secret)
     server = ServerThread(sim, port=DEMO_SUPPLIER_PORT).start()
     console.print(f"demo supplier simulator on {server.url} (control API: {server.url}/_sim/state)")
 
 
-def _start_demo_gateway() -> None:
-    from kameng.demo import DEMO_GATEWAY_MERCHANT, DEMO_GATEWAY_PORT
+def _start_demo_gateway(container: Any) -> None:
+    """The EPay gateway simulator, taking the merchant key `kameng demo` generated."""
+    from kameng.demo import DEMO_GATEWAY_PORT, demo_gateway_merchant
     from kameng.payments.gateway_sim.runner import start_gateway_sim
 
-    sim = start_gateway_sim(
-        merchants={DEMO_GATEWAY_MERCHANT[0]: DEMO_GATEWAY_MERCHANT[1]}, port=DEMO_GATEWAY_PORT
-    )
+    try:
+        pid, key = demo_gateway_merchant(container)
+    except KamengError as exc:
+        err_console.print(f"no demo gateway configured ({exc.code}): run `kameng demo` first")
+        raise typer.Exit(2) from exc
+    sim = start_gateway_sim(merchants={pid: key}, port=DEMO_GATEWAY_PORT)
     console.print(f"demo payment gateway (EPay simulator) on {sim.url} (control API: /_sim/state)")
 
 
@@ -154,10 +170,13 @@ def worker(
     import logging
     import signal
 
+    from kameng.config import get_settings
     from kameng.pipeline.worker import Worker
+    from kameng.startup_checks import check_or_exit, public_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     container = _container()
+    check_or_exit(container, public_url=public_url(get_settings()))
     if metrics_port:
         from prometheus_client import start_http_server
 
@@ -206,37 +225,53 @@ def _verify(*, include_stock: bool) -> None:
 @app.command()
 def demo(
     keys_per_sku: Annotated[int, typer.Option(help="Demo keys to import per card-key SKU")] = 200,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Seed even a database holding data the demo did not create (unsafe)"
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Seed a demo catalog with stock and a demo reseller, and print its credentials."""
-    from kameng.demo import DEMO_STAFF, seed, seed_staff
+    """Seed a demo catalog with stock, a simulator gateway and supplier, a buyer, a reseller and
+    an admin, and print their generated credentials. Only into an empty database or its own."""
+    from kameng.demo import DEMO_MEMBER_EMAIL, DEMO_STAFF, credentials_path, seed
+
+    def warn(found: str) -> None:
+        err_console.print(
+            f"[bold red]warning[/bold red] --force: seeding the demo into a database that holds "
+            f"data it did not create ({found}). It adds an enabled simulator gateway and "
+            'supplier anyone can "pay" through, a funded buyer and an admin; kameng will '
+            "refuse to start with them behind a public (non-loopback) KAMENG_PUBLIC_URL.",
+            highlight=False,
+        )
 
     container = _container()
-    issued = seed(container, keys_per_sku=keys_per_sku)
-    staff_token = seed_staff(container)
-    path = container.settings.data_dir / "demo-credentials.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(
-            {
-                "reseller": issued.name,
-                "api_key": issued.api_key,
-                "api_secret": issued.api_secret,
-                "staff": DEMO_STAFF,
-                "staff_token": staff_token,
-            },
-            fh,
-        )
-    _print_credentials(issued, as_json)
-    if not as_json:
-        from kameng.demo import DEMO_MEMBER
-
-        console.print(f"(also saved to {path}, mode 0600)")
-        console.print(
-            f"demo buyer account: {DEMO_MEMBER[0]} / {DEMO_MEMBER[1]} (¥100 balance); "
-            "guests can buy without an account"
-        )
-        console.print(
-            f"staff API (review queue, risk rules): Authorization: Bearer {staff_token} "
-            f"({DEMO_STAFF}, admin) — see docs/risk.md"
-        )
+    creds = seed(container, keys_per_sku=keys_per_sku, force=force, on_forced=warn)
+    if as_json:
+        print(json.dumps(creds.as_dict()))
+        return
+    _print_credentials(creds.reseller, as_json)
+    console.print(
+        f"(all demo credentials are saved to {credentials_path(container)}, mode 0600)",
+        soft_wrap=True,
+    )
+    console.print(
+        f"demo buyer account: {DEMO_MEMBER_EMAIL} / {creds.member_password} (¥100 balance); "
+        "guests can buy without an account",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"staff API (review queue, risk rules): Authorization: Bearer {creds.staff_token} "
+        f"({DEMO_STAFF}, admin) — see docs/risk.md",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"demo EPay gateway: pid {creds.gateway_pid}, key {creds.gateway_key}; demo supplier: "
+        f"api key {creds.supplier_api_key}, secret {creds.supplier_secret} "
+        "(`kameng serve --demo-gateway --demo-supplier` starts the simulators with them)",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -155,6 +155,21 @@ def add_gateway(
         raise KamengError(ErrorCode.already_exists, what=f"gateway {code}") from exc
 
 
+def gateway_key(vault: Vault, row: Any) -> str:
+    """The merchant key of a gateway row, unsealed."""
+    return vault.unseal(bytes(row.sealed_key), key_context(row.code))
+
+
+def set_gateway_key(conn: Connection, *, vault: Vault, code: str, key: str) -> None:
+    """Replace a gateway's merchant key (what a gateway's "reset key" button asks of us). The
+    gateway caches compare the sealed key, so running processes pick the new one up."""
+    changed = conn.execute(
+        update(_gw).where(_gw.c.code == code).values(sealed_key=vault.seal(key, key_context(code)))
+    ).rowcount
+    if not changed:
+        raise KamengError(ErrorCode.gateway_not_found, gateway=code)
+
+
 def list_gateways(conn: Connection, *, enabled_only: bool = False) -> list[Any]:
     stmt = select(_gw).order_by(_gw.c.id)
     if enabled_only:
