@@ -768,10 +768,8 @@ def _inject_forgotten_order(conn: Connection, s: Scene) -> None:
     conn.execute(text("UPDATE orders SET next_action_at = NULL WHERE id = :o"), {"o": s.fulfilling})
 
 
-def _inject_second_purchase(conn: Connection, s: Scene) -> None:
-    # The schema refuses a second live purchase for a line; drop that guard (inside the
-    # rolled-back transaction) to prove the check would still see one.
-    conn.execute(text("DROP INDEX uq_procurements_live_line"))
+def _purchases(conn: Connection, s: Scene, *rows: tuple[str, bool]) -> list[int]:
+    """Procurements of the fulfilling order's line at a made-up supplier: (state, charged)."""
     conn.execute(
         text(
             "INSERT INTO suppliers (code, name, adapter, base_url, api_key, sealed_secret, "
@@ -796,23 +794,59 @@ def _inject_second_purchase(conn: Connection, s: Scene) -> None:
     line = conn.execute(
         text("SELECT id FROM order_lines WHERE order_id = :o"), {"o": s.fulfilling}
     ).scalar_one()
-    for n in (1, 2):
-        conn.execute(
-            text(
-                "INSERT INTO procurements (order_id, order_line_id, supplier_id, offer_id, "
-                "out_trade_no, trade_no, state, quantity, keys_received, cost_cents, reason, "
-                "attempts, created_at, updated_at) VALUES (:o, :l, :s, :f, :n, '', 'accepted', "
-                "1, 0, 1, '', 1, :t, :t)"
-            ),
-            {
-                "o": s.fulfilling,
-                "l": line,
-                "s": sid,
-                "f": oid,
-                "n": f"N{n}",
-                "t": s.container.clock(),
-            },
+    ids = []
+    for n, (state, charged) in enumerate(rows, start=1):
+        ids.append(
+            conn.execute(
+                text(
+                    "INSERT INTO procurements (order_id, order_line_id, supplier_id, offer_id, "
+                    "out_trade_no, trade_no, state, quantity, keys_received, cost_cents, "
+                    "reason, attempts, created_at, updated_at, charged_at) VALUES (:o, :l, :s, "
+                    ":f, :n, '', :state, 1, 0, 1, '', 1, :t, :t, :charged) RETURNING id"
+                ),
+                {
+                    "o": s.fulfilling,
+                    "l": line,
+                    "s": sid,
+                    "f": oid,
+                    "n": f"N{n}",
+                    "state": state,
+                    "t": s.container.clock(),
+                    "charged": s.container.clock() if charged else None,
+                },
+            ).scalar_one()
         )
+    return [int(i) for i in ids]
+
+
+def _inject_second_purchase(conn: Connection, s: Scene) -> None:
+    # The schema refuses a second live purchase for a line; drop that guard (inside the
+    # rolled-back transaction) to prove the check would still see one.
+    conn.execute(text("DROP INDEX uq_procurements_live_line"))
+    _purchases(conn, s, ("accepted", False), ("accepted", False))
+
+
+def _claim(conn: Connection, s: Scene, procurement_id: int) -> None:
+    conn.execute(
+        text(
+            "INSERT INTO supplier_claims (supplier_id, procurement_id, order_id, kind, state, "
+            "amount_cents, keys_count, note, created_at, resolved_by) SELECT supplier_id, id, "
+            "order_id, 'overcharge', 'open', 1, 0, '', created_at, '' FROM procurements "
+            "WHERE id = :p"
+        ),
+        {"p": procurement_id},
+    )
+
+
+def _inject_line_charged_twice(conn: Connection, s: Scene) -> None:
+    # A refused purchase whose late success was caught (claimed), and another charge for the
+    # same line: the supplier took money twice for one line's worth.
+    _, late = _purchases(conn, s, ("delivered", True), ("rejected", True))
+    _claim(conn, s, late)
+
+
+def _inject_unclaimed_late_success(conn: Connection, s: Scene) -> None:
+    _purchases(conn, s, ("rejected", True))
 
 
 # (damage, the checks that must report it). Most damage is seen by exactly one check; where a
@@ -900,6 +934,8 @@ INJECTIONS: dict[str, tuple[Injection, set[str]]] = {
     "key_of_another_sku": (_inject_key_of_other_sku, {"key_sku_matches_line"}),
     "paid_order_forgotten": (_inject_forgotten_order, {"undelivered_orders_are_due"}),
     "second_purchase_for_a_line": (_inject_second_purchase, {"one_purchase_per_line"}),
+    "line_charged_twice": (_inject_line_charged_twice, {"one_charged_purchase_per_line"}),
+    "late_success_without_claim": (_inject_unclaimed_late_success, {"late_successes_claimed"}),
     "paid_payment_not_posted": (_inject_paid_payment_not_posted, {"payments_posted_once"}),
     "payment_txn_without_payment": (
         _inject_payment_txn_without_payment,
