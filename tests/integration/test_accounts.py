@@ -571,7 +571,9 @@ class _Monotonic:
     """A hand-moved `time.monotonic` for the rate limiter."""
 
     def __init__(self) -> None:
-        self.now = time.monotonic()
+        # A whole number, so `oldest + window - now` is exact: from a fractional start the
+        # float sum can land a hair under the whole second and Retry-After one second short.
+        self.now = float(int(time.monotonic()))
 
     def monotonic(self) -> float:
         return self.now
