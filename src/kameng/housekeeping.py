@@ -16,7 +16,7 @@ from datetime import timedelta
 from kameng.container import Container
 from kameng.idempotency import service as idem
 from kameng.members import service as members
-from kameng.pipeline import outbox
+from kameng.notify import service as notify
 from kameng.resellers import service as resellers
 from kameng.risk import records as risk_records
 from kameng.suppliers import service as suppliers
@@ -35,7 +35,7 @@ def prune(container: Container) -> dict[str, int]:
         nonces = resellers.prune_nonces(conn, now=now)
         records = idem.prune(conn, older_than=now - IDEMPOTENCY_RETENTION)
         events = suppliers.prune_events(conn, older_than=now - EVENT_RETENTION)
-        sent = outbox.prune_sent(conn, older_than=now - EVENT_RETENTION)
+        sent = notify.prune_sent(conn, older_than=now - EVENT_RETENTION)
         sessions = members.prune_sessions(conn, now=now)
         risk_rows = risk_records.prune(
             conn,

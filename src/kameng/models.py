@@ -7,9 +7,10 @@ from kameng.idempotency.models import IdempotencyRecord
 from kameng.inventory.models import CardKey, KeyReveal, StockBatch
 from kameng.ledger.models import Account, Entry, Hold, LedgerTransaction
 from kameng.members.models import Member, MemberSession
+from kameng.notify.models import OutboxMessage
 from kameng.orders.models import Delivery, Order, OrderEvent, OrderLine
 from kameng.payments.models import Payment, PaymentGateway, PaymentNotify, Payout
-from kameng.pipeline.models import OutboxMessage, WorkerHeartbeat
+from kameng.pipeline.models import WorkerHeartbeat
 from kameng.pricing.models import Tier, TierPrice
 from kameng.resellers.models import ApiCredential, ApiNonce, Reseller
 from kameng.review.models import ReviewDecision, ReviewItem

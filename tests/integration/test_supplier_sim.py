@@ -425,6 +425,8 @@ def test_failed_callbacks_are_retried_and_counted(
     receiver.fail_first["retry"] = 2
     api.buy("retry-1", "CB-RETRY", callback_url=receiver.url("retry"))
     receiver.wait_for("retry", 1)
+    # The receiver has the successful attempt before the simulator has recorded it.
+    wait_until(lambda: sim.state()["stats"]["callbacks_sent"] == 3)
     stats = sim.state()["stats"]
     assert stats["callbacks_sent"] == 3 and stats["callbacks_failed"] == 2
     # Gives up after 1 + callback_retries attempts.

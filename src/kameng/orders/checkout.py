@@ -25,8 +25,10 @@ from kameng.catalog.service import SkuInfo
 from kameng.db import RawSQL, db_time, notify_due, pipelined, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.ledger import service as ledger
+from kameng.notify.service import OrderTarget
 from kameng.orders import fulfil, screening
 from kameng.orders import service as orders
+from kameng.orders.events import record
 from kameng.orders.models import Order, OrderLine
 from kameng.orders.state import Stage, Status
 from kameng.risk import service as risk
@@ -103,7 +105,14 @@ def place_pending(
         now,
         {"pay_by": deadline.isoformat()},
     )
-    orders.INSERT_EVENTS.run(conn, [event])
+    record(
+        conn,
+        [event],
+        notify=OrderTarget(order_id, order_no, cmd.customer_ref, cmd.notify_url)
+        if cmd.notify_url
+        else None,
+        now=now,
+    )
     if context is not None:
         subject = screening.subject_for(
             order_id=order_id,
@@ -250,6 +259,7 @@ def accept_payment(
             now=now,
             events=events,
             screened=screened,
+            notify=OrderTarget.of(order),
         )
     # Outside the pipeline: its row count is only known once the statement has run.
     changed = _FINISH_PAID.run(

@@ -1,7 +1,9 @@
 """Order events (the timeline) and what a paid order's first move produced.
 
-Shared by placing (`service`) and screening (`screening`): every event row is checked against
-the transition table when it is built, so a forbidden move cannot be written anywhere.
+Shared by placing (`service`), payment landing (`checkout`), screening and every transition:
+every event row is checked against the transition table when it is built, so a forbidden move
+cannot be written anywhere; and every row is written by `record`, which writes the order's
+notifications with it, so no state change can go unannounced.
 """
 
 from __future__ import annotations
@@ -15,12 +17,27 @@ from sqlalchemy.engine import Connection
 
 from kameng.db import MultiInsert, db_time
 from kameng.inventory import service as inventory
+from kameng.notify import service as notify_service
+from kameng.notify.service import OrderTarget
 from kameng.orders.state import Stage, Status, check_transition
 
 INSERT_EVENTS = MultiInsert(
     "order_events",
     ("order_id", "from_status", "to_status", "stage", "reason", "actor", "details", "at"),
 )
+
+
+def record(
+    conn: Connection,
+    events: list[dict[str, Any]],
+    *,
+    notify: OrderTarget | None,
+    now: datetime,
+) -> None:
+    """Write timeline rows and, for an order with a `notify_url`, one notification per row —
+    in the caller's transaction, so both commit with the change or neither does."""
+    INSERT_EVENTS.run(conn, events)
+    notify_service.order_updates(conn, target=notify, changes=events, now=now)
 
 
 def event_row(

@@ -23,8 +23,9 @@ from kameng.db import table
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
 from kameng.members.models import Member
+from kameng.notify.service import OrderTarget
 from kameng.orders import queries
-from kameng.orders.events import INSERT_EVENTS, Started, event_row
+from kameng.orders.events import Started, event_row, record
 from kameng.orders.state import Stage, Status
 from kameng.resellers.models import Reseller
 from kameng.review import service as review
@@ -188,6 +189,7 @@ def divert(
     accounts: ledger.PlatformAccounts,
     now: datetime,
     events: list[dict[str, Any]],
+    notify: OrderTarget | None = None,
 ) -> Started:
     """A flagged order: to review, holding its money and (in stock) its keys until a reviewer
     or the SLA decides; or rejected at once with its money back in the buyer's balance."""
@@ -220,7 +222,7 @@ def divert(
                 {"category": screened.category, "refunded": amount},
             )
         )
-        INSERT_EVENTS.run(conn, events)
+        record(conn, events, notify=notify, now=now)
         return Started(Status.rejected, Stage.closed, "risk_rejected", None, None, None, None)
     hold_id = ledger.place_hold(
         conn,
@@ -253,7 +255,7 @@ def divert(
             {"category": screened.category, "decide_by": deadline.isoformat()},
         )
     )
-    INSERT_EVENTS.run(conn, events)
+    record(conn, events, notify=notify, now=now)
     review.open_item(
         conn,
         order_id=order_id,

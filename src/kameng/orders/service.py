@@ -24,8 +24,9 @@ from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
 from kameng.ledger.models import Account
+from kameng.notify.service import OrderTarget
 from kameng.orders import queries, screening
-from kameng.orders.events import INSERT_EVENTS, Started, event_row
+from kameng.orders.events import Started, event_row, record
 from kameng.orders.models import Delivery, Order, OrderEvent, OrderLine
 from kameng.orders.numbers import new_lookup_secret, new_order_no
 from kameng.orders.state import (
@@ -259,6 +260,7 @@ def start_fulfilment(
     now: datetime,
     events: list[dict[str, Any]],
     screened: screening.Screened | None = None,
+    notify: OrderTarget | None = None,
 ) -> Started:
     """What a paid order does first, whoever paid and however: claim own stock and deliver
     (a sale from `wallet_id`), or hold the money and queue it behind a backorder, send it
@@ -280,6 +282,7 @@ def start_fulfilment(
             accounts=accounts,
             now=now,
             events=events,
+            notify=notify,
         )
     at = db_time(conn, now)
     claimed: list[inventory.ClaimedKey] | None = None
@@ -371,7 +374,7 @@ def start_fulfilment(
                 event_row(conn, order_id, Status.paid, status, stage, reason, "system", now)
             )
 
-    INSERT_EVENTS.run(conn, events)
+    record(conn, events, notify=notify, now=now)
     # Ledger last: the wallet and platform rows are the most contended in the whole database.
     if status is Status.delivered:
         ledger.post(
@@ -480,6 +483,9 @@ def place_order(
             now=now,
             events=events,
             screened=screened,
+            notify=OrderTarget(order_id, order_no, cmd.customer_ref, cmd.notify_url)
+            if cmd.notify_url
+            else None,
         )
         _FINISH_ORDER.run(
             conn,
@@ -565,4 +571,4 @@ def transition(
     ).rowcount
     if changed != 1:
         raise KamengError(ErrorCode.concurrent_update)
-    INSERT_EVENTS.run(conn, [event])
+    record(conn, [event], notify=OrderTarget.of(order), now=now)

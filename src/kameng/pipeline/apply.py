@@ -21,8 +21,7 @@ from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
 from kameng.orders import fulfil
 from kameng.orders import service as orders
-from kameng.orders.state import DEFAULT_STAGE, TERMINAL, Stage, Status
-from kameng.pipeline import outbox
+from kameng.orders.state import TERMINAL, Stage, Status
 from kameng.security.crypto import Vault
 from kameng.suppliers import service as suppliers
 from kameng.suppliers.models import LIVE_STATES, ProcurementState
@@ -69,7 +68,7 @@ def transition(
     extra_values: dict[str, Any] | None = None,
     actor: str = "system",
 ) -> None:
-    """An order move plus its outgoing notification, committed together."""
+    """An order move (its notification is written by the move itself)."""
     orders.transition(
         conn,
         order=loaded.order,
@@ -81,14 +80,6 @@ def transition(
         next_action_at=next_action_at,
         details=details,
         extra_values=extra_values,
-    )
-    outbox.enqueue_order_update(
-        conn,
-        order=loaded.order,
-        status=to_status.value,
-        stage=(stage or DEFAULT_STAGE[to_status]).value,
-        reason=reason,
-        now=now,
     )
 
 
@@ -113,9 +104,6 @@ def deliver(
         details=details,
         allow_partial=allow_partial,
     )
-    outbox.enqueue_order_update(
-        conn, order=loaded.order, status="delivered", stage="delivered", reason=reason, now=now
-    )
 
 
 def refund(
@@ -128,9 +116,6 @@ def refund(
     details: dict[str, Any] | None = None,
 ) -> None:
     fulfil.refund(conn, loaded=loaded, accounts=accounts, reason=reason, now=now, details=details)
-    outbox.enqueue_order_update(
-        conn, order=loaded.order, status="refunded", stage="closed", reason=reason, now=now
-    )
 
 
 def apply_result(

@@ -45,8 +45,8 @@ _beat = table(WorkerHeartbeat)
 
 def snapshot(container: Any) -> dict[str, Any]:
     """The figures `/healthz` and `/metrics` share."""
+    from kameng.notify import service as notify
     from kameng.payments import service as payments
-    from kameng.pipeline import outbox
     from kameng.review import service as review
     from kameng.suppliers import reconcile
     from kameng.suppliers import service as suppliers
@@ -86,7 +86,7 @@ def snapshot(container: Any) -> dict[str, Any]:
         health = suppliers.health(conn, now=now)
         mismatches = reconcile.latest_mismatches(conn)
         open_claims = suppliers.open_claims_count(conn)
-        pending = outbox.pending_count(conn)
+        pending = notify.pending_count(conn)
         pay = payments.health_counts(conn, now=now)
         queue = review.queue_figures(conn, now=now)
     return {

@@ -1,14 +1,13 @@
-"""What the worker keeps in the database: who is alive, and messages waiting to go out."""
+"""What the worker keeps in the database: who is alive (the outbox lives in `kameng.notify`)."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Index, Integer, String, text
+from sqlalchemy import BigInteger, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from kameng.db import Base, BigId, UTCDateTime, utcnow
+from kameng.db import Base, UTCDateTime
 
 
 class WorkerHeartbeat(Base):
@@ -22,33 +21,3 @@ class WorkerHeartbeat(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
     steps: Mapped[int] = mapped_column(BigInteger, default=0)
-
-
-class OutboxMessage(Base):
-    """A notification written in the same transaction as the change it announces.
-
-    Sent after commit by the worker, retried with capped jittered backoff, each with a stable
-    `event_id` so the receiver can drop duplicates (delivery is at least once).
-    """
-
-    __tablename__ = "outbox"
-    __table_args__ = (
-        Index(
-            "ix_outbox_due",
-            "due_at",
-            sqlite_where=text("state = 'pending'"),
-            postgresql_where=text("state = 'pending'"),
-        ),
-    )
-    id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    event_id: Mapped[str] = mapped_column(String(64), unique=True)
-    topic: Mapped[str] = mapped_column(String(32))
-    order_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    target_url: Mapped[str] = mapped_column(String(500))
-    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, sent, failed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    due_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    last_error: Mapped[str] = mapped_column(String(200), default="")

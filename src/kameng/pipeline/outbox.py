@@ -1,8 +1,8 @@
-"""Notifications that leave only after the change they announce has committed.
+"""Sending the outbox: notifications leave only after the change they announce has committed.
 
-A row is written in the same transaction as the order's transition; the worker sends it later,
-signed like every kameng webhook (`X-Kameng-Signature: t=…,v1=…`), retrying with capped,
-jittered backoff. The `event_id` is stable across retries so receivers can drop duplicates.
+Rows are written by the change itself (`kameng.notify`, from the order's transition); the
+worker sends them here, signed like every kameng webhook (`X-Kameng-Signature: t=…,v1=…`),
+retrying with capped, jittered backoff. The `event_id` is stable across retries so receivers can drop duplicates.
 """
 
 from __future__ import annotations
@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import random
-import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 from kameng.container import Container
 from kameng.db import table
+from kameng.notify.models import OutboxMessage
 from kameng.orders.models import Order
-from kameng.pipeline.models import OutboxMessage
 from kameng.resellers import service as resellers
 from kameng.security.signing import webhook_signature
 
@@ -36,38 +35,6 @@ LEASE_S = 60
 def backoff_s(attempt: int, *, base: float = 2.0, cap: float = 900.0) -> float:
     """Capped exponential backoff with full jitter (never 0, so a retry storm spreads out)."""
     return max(0.5, random.uniform(0, min(cap, base * 2 ** max(attempt - 1, 0))))
-
-
-def enqueue_order_update(
-    conn: Connection, *, order: Any, status: str, stage: str, reason: str, now: datetime
-) -> None:
-    """Announce an order's new status to its notify_url, if it has one."""
-    if not order.notify_url:
-        return
-    event_id = "evt_" + uuid.uuid4().hex
-    conn.execute(
-        insert(_outbox).values(
-            event_id=event_id,
-            topic="order.updated",
-            order_id=order.id,
-            target_url=order.notify_url,
-            payload={
-                "event_id": event_id,
-                "type": "order.updated",
-                "order_no": order.order_no,
-                "customer_ref": order.customer_ref,
-                "status": status,
-                "stage": stage,
-                "reason": reason,
-                "at": now.isoformat(),
-            },
-            state="pending",
-            attempts=0,
-            due_at=now,
-            created_at=now,
-            last_error="",
-        )
-    )
 
 
 def _claim(conn: Connection, *, now: datetime, limit: int) -> list[Any]:
@@ -162,21 +129,3 @@ async def send_due(container: Container, client: httpx.AsyncClient, *, limit: in
 
         await container.writer.run_async(settle)
     return len(batch)
-
-
-def pending_count(conn: Connection) -> int:
-    from sqlalchemy import func
-
-    return int(
-        conn.execute(
-            select(func.count()).select_from(_outbox).where(_outbox.c.state == "pending")
-        ).scalar_one()
-    )
-
-
-def prune_sent(conn: Connection, *, older_than: datetime) -> int:
-    from sqlalchemy import delete
-
-    return conn.execute(
-        delete(_outbox).where(_outbox.c.state == "sent", _outbox.c.sent_at < older_than)
-    ).rowcount

@@ -10,12 +10,11 @@ reviewer approves too.
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from kameng.catalog.models import DeliveryKind, Product, Sku
@@ -23,17 +22,16 @@ from kameng.db import notify_due, table
 from kameng.errors import ErrorCode, KamengError
 from kameng.inventory import service as inventory
 from kameng.ledger import service as ledger
+from kameng.notify import service as notify
 from kameng.orders import fulfil, queries
 from kameng.orders.models import Order
 from kameng.orders.state import Stage, Status
 from kameng.pipeline import apply
-from kameng.pipeline.models import OutboxMessage
 from kameng.review import service as review
 from kameng.review.models import ItemStatus
 from kameng.review.service import ReviewPolicy
 
 log = logging.getLogger("kameng.review")
-_outbox = table(OutboxMessage)
 _order = table(Order)
 _product = table(Product)
 _sku = table(Sku)
@@ -251,32 +249,23 @@ def _escalate(conn: Connection, *, item: review.Item, url: str, action: str, now
     )
     if not url:
         return
-    event_id = "evt_" + uuid.uuid4().hex
-    conn.execute(
-        insert(_outbox).values(
-            event_id=event_id,
-            topic="review.sla_breached",
-            order_id=None,
-            target_url=url,
-            payload={
-                "event_id": event_id,
-                "type": "review.sla_breached",
-                "item": item.id,
-                "order_id": item.order_id,
-                "category": item.category,
-                "amount_cents": item.amount_cents,
-                "currency": item.currency,
-                "opened_at": item.opened_at.isoformat(),
-                "sla_deadline": item.sla_deadline.isoformat(),
-                "default_action": action,
-                "at": now.isoformat(),
-            },
-            state="pending",
-            attempts=0,
-            due_at=now,
-            created_at=now,
-            last_error="",
-        )
+    notify.enqueue(
+        conn,
+        topic="review.sla_breached",
+        target_url=url,
+        payload={
+            "type": "review.sla_breached",
+            "item": item.id,
+            "order_id": item.order_id,
+            "category": item.category,
+            "amount_cents": item.amount_cents,
+            "currency": item.currency,
+            "opened_at": item.opened_at.isoformat(),
+            "sla_deadline": item.sla_deadline.isoformat(),
+            "default_action": action,
+            "at": now.isoformat(),
+        },
+        now=now,
     )
 
 

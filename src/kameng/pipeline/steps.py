@@ -26,7 +26,7 @@ from kameng.orders import checkout, fulfil
 from kameng.orders.models import OrderEvent
 from kameng.orders.state import TERMINAL, Stage, Status
 from kameng.payments import service as payments
-from kameng.pipeline import apply, outbox, review_actions
+from kameng.pipeline import apply, review_actions
 from kameng.pipeline.apply import Timing, cap_at_deadline
 from kameng.pipeline.registry import Adapters
 from kameng.review.service import ReviewPolicy
@@ -134,20 +134,6 @@ def _round_start(conn: Connection, order: Any) -> datetime:
     return last if last is not None else order.created_at
 
 
-def _on_served(conn: Connection, order_ids: list[int], now: datetime) -> None:
-    for order_id in order_ids:
-        served = fulfil.load(conn, order_id=order_id, lock=False)
-        if served is not None:
-            outbox.enqueue_order_update(
-                conn,
-                order=served.order,
-                status="delivered",
-                stage="delivered",
-                reason="restocked",
-                now=now,
-            )
-
-
 def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetime) -> Plan:
     # Read, then lock: a SKU's backorder queue lock must be taken before any of its orders'
     # row locks (see fulfil.lock_backorder_queue), so the status decides what to lock first.
@@ -179,7 +165,6 @@ def plan_step(conn: Connection, ctx: StepContext, *, order_id: int, now: datetim
             )
             return Plan("done", "refunded")
         served = fulfil.serve_backorders(conn, sku_id=order.sku_id, accounts=ctx.accounts, now=now)
-        _on_served(conn, served, now)
         if order_id in served:
             return Plan("done", "delivered_from_stock")
         offers = suppliers.offers_for(conn, sku_id=order.sku_id)
