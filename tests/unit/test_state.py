@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from kameng.orders.state import (
     CANCELABLE,
     DEFAULT_STAGE,
+    LATE_PAYMENT,
     NOT_A_DUPLICATE,
     PAID_UNDELIVERED,
     STAGES,
@@ -29,11 +30,76 @@ ALL_STATUSES: list[Status] = list(Status)
 ORIGINS: list[Status | None] = [None, *ALL_STATUSES]
 CREATION_TARGETS = frozenset({Status.pending_payment, Status.paid})
 
+# -- the expected table, written out by hand ----------------------------------------------------
+#
+# Deliberately not derived from `orders/state.py`: a test that reads its expected answers from
+# the table under test passes whatever the table says. Changing a move below is a decision
+# (DESIGN §4) and must be made twice, here and there; a change made only there fails.
+S = Status
+EXPECTED_TRANSITIONS: dict[Status, frozenset[Status]] = {
+    S.pending_payment: frozenset({S.pending_payment, S.paid, S.expired, S.canceled}),
+    S.paid: frozenset(
+        {S.screening, S.fulfilling, S.backordered, S.delivered, S.canceled, S.refunded}
+    ),
+    S.screening: frozenset({S.review, S.fulfilling, S.rejected, S.canceled, S.refunded}),
+    S.review: frozenset(
+        {S.fulfilling, S.backordered, S.delivered, S.rejected, S.canceled, S.refunded}
+    ),
+    S.fulfilling: frozenset(
+        {S.fulfilling, S.delivered, S.backordered, S.needs_buyer_action, S.canceled, S.refunded}
+    ),
+    S.backordered: frozenset({S.fulfilling, S.delivered, S.canceled, S.refunded}),
+    S.needs_buyer_action: frozenset({S.fulfilling, S.review, S.rejected, S.canceled, S.refunded}),
+    S.delivered: frozenset({S.completed, S.disputed}),
+    S.disputed: frozenset({S.replaced, S.refunded, S.completed}),
+    S.completed: frozenset(),
+    S.expired: frozenset(),
+    S.rejected: frozenset(),
+    S.canceled: frozenset(),
+    S.refunded: frozenset(),
+    S.replaced: frozenset(),
+}
+# The only doors out of a closed order: money that arrives late (and a same-status note).
+EXPECTED_LATE_PAYMENT: dict[Status, frozenset[Status]] = {
+    S.expired: frozenset({S.paid, S.refunded, S.expired}),
+    S.canceled: frozenset({S.refunded, S.canceled}),
+}
+EXPECTED_TERMINAL = frozenset(
+    {S.completed, S.expired, S.rejected, S.canceled, S.refunded, S.replaced}
+)
+EXPECTED_CANCELABLE = frozenset({S.pending_payment, S.backordered, S.needs_buyer_action})
+EXPECTED_PAID_UNDELIVERED = frozenset(
+    {S.paid, S.screening, S.review, S.fulfilling, S.backordered, S.needs_buyer_action}
+)
+EXPECTED_NOT_A_DUPLICATE = frozenset({S.canceled, S.expired, S.rejected, S.refunded})
+EXPECTED_STAGES: dict[Status, frozenset[Stage]] = {
+    S.fulfilling: frozenset(
+        {Stage.allocating, Stage.procuring, Stage.awaiting_supplier, Stage.staff_processing}
+    ),
+}
 
-def _allowed(origin: Status | None, target: Status) -> bool:
+
+def _allowed(origin: Status | None, target: Status, *, late_payment: bool = False) -> bool:
+    """The expected answer of `check_transition`, from the hand-written table."""
     if origin is None:
         return target in CREATION_TARGETS
-    return target in TRANSITIONS[origin]
+    if target in EXPECTED_TRANSITIONS[origin]:
+        return True
+    return late_payment and target in EXPECTED_LATE_PAYMENT.get(origin, frozenset())
+
+
+def _drift(
+    actual: dict[Status, frozenset[Status]], expected: dict[Status, frozenset[Status]]
+) -> list[str]:
+    """Readable differences between two transition tables: `paid: +{x} -{y}` per status."""
+    lines = []
+    for status in Status:
+        got, want = actual.get(status, frozenset()), expected.get(status, frozenset())
+        if got != want:
+            added = sorted(s.value for s in got - want)
+            lost = sorted(s.value for s in want - got)
+            lines.append(f"{status.value}: added {added} removed {lost}")
+    return lines
 
 
 def _reachable(start: Status) -> set[Status]:
@@ -50,6 +116,44 @@ def _reachable(start: Status) -> set[Status]:
 
 
 # -- the table itself -------------------------------------------------------------------------
+
+
+def test_transitions_are_exactly_the_expected_table() -> None:
+    """Any added or removed move fails here, naming the status and the edge."""
+    drift = _drift(TRANSITIONS, EXPECTED_TRANSITIONS)
+    assert not drift, "TRANSITIONS changed:\n" + "\n".join(drift)
+
+
+def test_late_payment_doors_are_exactly_the_expected_ones() -> None:
+    """A late payment may reopen only an expired or canceled order, and only to these."""
+    drift = _drift(LATE_PAYMENT, EXPECTED_LATE_PAYMENT)
+    assert not drift, "LATE_PAYMENT changed:\n" + "\n".join(drift)
+
+
+@pytest.mark.parametrize(
+    ("name", "actual", "expected"),
+    [
+        pytest.param(name, actual, expected, id=name)
+        for name, actual, expected in (
+            ("TERMINAL", TERMINAL, EXPECTED_TERMINAL),
+            ("CANCELABLE", CANCELABLE, EXPECTED_CANCELABLE),
+            ("PAID_UNDELIVERED", PAID_UNDELIVERED, EXPECTED_PAID_UNDELIVERED),
+            ("NOT_A_DUPLICATE", NOT_A_DUPLICATE, EXPECTED_NOT_A_DUPLICATE),
+        )
+    ],
+)
+def test_status_sets_are_exactly_the_expected_ones(
+    name: str, actual: frozenset[Status], expected: frozenset[Status]
+) -> None:
+    """Each of these sets decides money or stock somewhere (cancel, verify, the duplicate
+    guard): a status slipping in or out is a behaviour change, not a refactoring."""
+    added = sorted(s.value for s in actual - expected)
+    lost = sorted(s.value for s in expected - actual)
+    assert actual == expected, f"{name}: added {added} removed {lost}"
+
+
+def test_stages_within_a_status_are_exactly_the_expected_ones() -> None:
+    assert {s: set(v) for s, v in STAGES.items()} == {s: set(v) for s, v in EXPECTED_STAGES.items()}
 
 
 def test_table_covers_every_status() -> None:
@@ -142,7 +246,8 @@ def test_nothing_returns_to_pending_payment() -> None:
     ids=lambda v: str(v),
 )
 def test_check_transition_accepts_exactly_the_table(origin: Status | None, target: Status) -> None:
-    """Every (from, to) pair: allowed iff in TRANSITIONS (or a creation target for None)."""
+    """Every (from, to) pair: allowed iff in the expected table (or a creation target for
+    None), and never through a late-payment door unless the caller asks for one."""
     if _allowed(origin, target):
         move = check_transition(origin, target)
         assert move == Move(origin, target, DEFAULT_STAGE[target])
@@ -152,6 +257,24 @@ def test_check_transition_accepts_exactly_the_table(origin: Status | None, targe
         assert info.value.from_status == origin
         assert info.value.to_status == target
         assert str(target) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("origin", "target"),
+    list(itertools.product(ORIGINS, ALL_STATUSES)),
+    ids=lambda v: str(v),
+)
+def test_late_payment_opens_exactly_the_expected_doors(
+    origin: Status | None, target: Status
+) -> None:
+    """With `late_payment`, every (from, to) pair is allowed iff the ordinary table or the
+    late-payment doors allow it: the flag widens nothing else (a late payment cannot, say,
+    deliver a refunded order)."""
+    if _allowed(origin, target, late_payment=True):
+        assert check_transition(origin, target, late_payment=True).to_status is target
+    else:
+        with pytest.raises(TransitionError):
+            check_transition(origin, target, late_payment=True)
 
 
 def test_transition_error_is_a_value_error() -> None:
