@@ -127,8 +127,26 @@ def test_postings_balance_and_update_stored_balances(container: Container) -> No
 
 @pytest.mark.parametrize(
     "legs",
-    [[(1, -100), (2, 99)], [(1, -100)], [(1, 0), (2, 0)], []],
-    ids=["unbalanced", "one-leg", "zero-legs", "empty"],
+    [
+        [(1, -100), (2, 99)],
+        [(1, -100), (2, 101)],
+        [(1, 100), (2, 100)],
+        [(1, -100), (2, 100), (2, 1)],
+        [(1, -100)],
+        [(1, 0), (2, 0)],
+        [],
+    ],
+    # Money destroyed (-1) and money created (+1, +200, +1 on a third leg) are both refused: a
+    # check that only looked for a deficit would let a posting mint money.
+    ids=[
+        "short-by-one",
+        "over-by-one",
+        "all-credits",
+        "third-leg-over",
+        "one-leg",
+        "zero-legs",
+        "empty",
+    ],
 )
 def test_unbalanced_postings_are_refused_and_write_nothing(
     container: Container, legs: list[tuple[int, int]]
@@ -890,6 +908,50 @@ def _inject_paid_payment_not_posted(conn: Connection, s: Scene) -> None:
     _gateway_payment(conn, s, state="paid")
 
 
+def _inject_payment_posted_for_another_amount(conn: Connection, s: Scene) -> None:
+    # Paid and posted once, but a cent short of what the gateway reported (500).
+    payment = _gateway_payment(conn, s, state="paid")
+    ledger.post(
+        conn,
+        kind="payment",
+        legs=[(s.container.accounts.gateway_clearing, -499), (s.wallet, 499)],
+        now=s.container.clock(),
+        ref_type="payment",
+        ref_id=payment,
+        actor="test",
+    )
+
+
+def _inject_delivered_with_pending_hold(conn: Connection, s: Scene) -> None:
+    # Delivered (with its delivery row), but the held money was never captured.
+    conn.execute(
+        text("UPDATE orders SET status = 'delivered', stage = 'delivered' WHERE id = :o"),
+        {"o": s.fulfilling},
+    )
+    conn.execute(
+        text(
+            "INSERT INTO deliveries (order_line_id, source, key_count, delivered_at) "
+            "SELECT id, 'supplier:x', 0, :t FROM order_lines WHERE order_id = :o"
+        ),
+        {"o": s.fulfilling, "t": s.container.clock()},
+    )
+
+
+def _inject_paid_order_without_hold(conn: Connection, s: Scene) -> None:
+    conn.execute(
+        text("UPDATE orders SET status = 'paid', hold_id = NULL WHERE id = :o"),
+        {"o": s.fulfilling},
+    )
+
+
+def _inject_undelivered_with_voided_hold(conn: Connection, s: Scene) -> None:
+    # Still waiting for its goods, but the hold it points at was already given back.
+    conn.execute(
+        text("UPDATE orders SET hold_id = :h WHERE id = :o"),
+        {"h": s.voided_hold, "o": s.fulfilling},
+    )
+
+
 def _inject_payment_txn_without_payment(conn: Connection, s: Scene) -> None:
     ledger.post(
         conn,
@@ -937,6 +999,21 @@ INJECTIONS: dict[str, tuple[Injection, set[str]]] = {
     "line_charged_twice": (_inject_line_charged_twice, {"one_charged_purchase_per_line"}),
     "late_success_without_claim": (_inject_unclaimed_late_success, {"late_successes_claimed"}),
     "paid_payment_not_posted": (_inject_paid_payment_not_posted, {"payments_posted_once"}),
+    # The other direction of the same checks: money posted, but for the wrong amount; a hold
+    # left pending after delivery; a paid order with no hold, or with one already voided.
+    "payment_posted_for_another_amount": (
+        _inject_payment_posted_for_another_amount,
+        {"payments_posted_once"},
+    ),
+    "delivered_with_pending_hold": (
+        _inject_delivered_with_pending_hold,
+        {"held_orders_have_pending_hold"},
+    ),
+    "paid_order_without_hold": (_inject_paid_order_without_hold, {"held_orders_have_pending_hold"}),
+    "undelivered_with_voided_hold": (
+        _inject_undelivered_with_voided_hold,
+        {"held_orders_have_pending_hold"},
+    ),
     "payment_txn_without_payment": (
         _inject_payment_txn_without_payment,
         {"payment_transactions_have_payments"},
