@@ -3,7 +3,6 @@ HTTP, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,7 +176,15 @@ def test_backorders_are_served_oldest_first_and_restocks_never_jump_the_queue(ri
     late = rig.order(sku)["order_no"]
     assert rig.status(late) == "backordered"
     rig.wait_status(waiting[0], {"delivered"})
-    time.sleep(1.5)  # a few worker rounds: nobody behind the head may overtake it
+    # The head took both restocked keys, so nobody behind it overtook it (that would have left
+    # it short), and none is left for anyone else: the rest wait, whatever the worker does.
+    assert len(rig.get(waiting[0])["keys"]) == 2
+    with rig.container.db.connect(write=False) as conn:
+        states = conn.execute(
+            text("SELECT state, COUNT(*) FROM card_keys WHERE sku_id = :s GROUP BY state"),
+            {"s": rig.container.sku(sku).id},
+        ).all()
+    assert {str(state): int(n) for state, n in states} == {"sold": 2}
     assert [rig.status(n) for n in waiting[1:]] + [rig.status(late)] == ["backordered"] * 3
     factories.add_stock(rig.container, sku, [f"{sku}-S{i}" for i in range(3)])
     for order_no in [*waiting[1:], late]:

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from sqlalchemy import text
 from tests.support import factories
 
 from kameng.catalog.models import DeliveryKind
-from kameng.errors import KamengError
+from kameng.errors import ErrorCode, KamengError
 from kameng.orders import cancel as order_cancel
 from kameng.orders import service as orders
 from kameng.pipeline import callbacks
@@ -57,6 +57,9 @@ SIM = {
     ],
 }
 TOPUP = 1_000_000
+# Where a buyer may cancel (orders/state.py CANCELABLE, written out: the machine checks the
+# service against the rule, not against itself).
+BUYER_CANCELABLE = frozenset({"pending_payment", "backordered", "needs_buyer_action"})
 _SIMULATOR: RunningSimulator | None = None
 
 
@@ -142,8 +145,6 @@ class PipelineMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         if hasattr(self, "creds"):
-            from hypothesis import event
-
             with self.container.db.connect(write=False) as conn:
                 for status, reason in conn.execute(text("SELECT status, reason FROM orders")):
                     event(f"order ended {status}/{reason}")
@@ -239,10 +240,14 @@ class PipelineMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.placed))
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
+        """A buyer's cancel succeeds exactly in the cancelable statuses, answers False for an
+        order already canceled, and everywhere else is refused with `order_not_cancelable`
+        and changes nothing. Any other error is a bug, not a refusal, and fails the run."""
         order_no = data.draw(st.sampled_from(self.placed))
+        before = self._order_row(order_no)
         try:
             with self.container.db.connect() as conn:
-                order_cancel.cancel_order(
+                done = order_cancel.cancel_order(
                     conn,
                     order_no=order_no,
                     reseller_id=self.creds.reseller_id,
@@ -252,8 +257,18 @@ class PipelineMachine(RuleBasedStateMachine):
                     reason="canceled_by_buyer",
                     now=self.clock(),
                 )
-        except KamengError:
-            pass  # not cancelable in its state: refused, nothing changed (checked below)
+        except KamengError as exc:
+            assert exc.code is ErrorCode.order_not_cancelable, exc
+            assert before.status not in BUYER_CANCELABLE | {"canceled"}, before
+            assert self._order_row(order_no) == before, "a refused cancel changed the order"
+            event(f"cancel refused in {before.status}")
+            return
+        event(f"cancel accepted in {before.status}")
+        assert before.status in BUYER_CANCELABLE | {"canceled"}, before
+        assert done is (before.status != "canceled")
+        after = self._order_row(order_no)
+        assert after.status == "canceled"
+        assert after.refunded_cents == after.paid_cents  # everything paid is back
 
     @rule(seconds=st.sampled_from([1, 10, 40, 130]))
     def advance_clock(self, seconds: int) -> None:
@@ -339,6 +354,16 @@ class PipelineMachine(RuleBasedStateMachine):
         assert held == open_paid
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _order_row(self, order_no: str) -> Any:
+        with self.container.db.connect(write=False) as conn:
+            return conn.execute(
+                text(
+                    "SELECT status, stage, version, paid_cents, refunded_cents, hold_id "
+                    "FROM orders WHERE order_no = :n"
+                ),
+                {"n": order_no},
+            ).one()
 
     def _due(self) -> list[int]:
         with self.container.db.connect(write=False) as conn:

@@ -479,8 +479,10 @@ def test_dropped_and_late_callbacks_still_show_in_query(
     wait_until(lambda: api.query("drop-1").json()["status"] == "delivered")
     keys = api.query("drop-1").json()["keys"]
     assert len(keys) == 2
-    time.sleep(0.2)
+    # Nothing left scheduled: the callback flow has run to its end (and dropped the callback).
+    wait_until(lambda: sim.simulator.dispatcher.pending == 0)
     assert receiver.got("drop") == []
+    assert sim.state()["orders"]["drop-1"]["callbacks_sent"] == 0
     # The control API can deliver it after all (same event id every time).
     assert sim.resend_callback("drop-1")["delivered"] is True
     assert sim.resend_callback("drop-1")["delivered"] is True
@@ -573,7 +575,9 @@ def test_partial_delivery_then_rest_by_callback(
     assert (second["status"], len(second["keys"]), second["sequence"]) == ("delivered", 2, 2)
     sim.configure_sku("P-STUCK", price_cents=100, partial=1)
     assert api.buy("part-3", "P-STUCK", 2).json()["status"] == "partial"
-    time.sleep(0.2)
+    # The rest would be a task scheduled before the answer; once nothing is left scheduled
+    # (part-2's callbacks finished too), the order is still partial: nothing will come.
+    wait_until(lambda: sim.simulator.dispatcher.pending == 0)
     assert api.query("part-3").json()["status"] == "partial"
 
 
