@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -146,16 +147,31 @@ def test_stop_removes_everything() -> None:
     pg.stop()  # idempotent
 
 
+class _RecordingCluster(PgCluster):
+    """Remembers the folder each start made, so a test can check that this very folder is
+    gone (a glob of the temp directory would also see clusters of parallel test workers)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.bases: list[Path] = []
+
+    def _teardown(self, server_user: Any) -> None:
+        if self._base is not None:
+            self.bases.append(self._base)
+        super()._teardown(server_user)
+
+
 def test_start_failure_reports_log_and_cleans_up() -> None:
-    before = set(Path("/tmp").glob("kameng-pg-*"))
-    pg = PgCluster(settings={"shared_buffers": "not-a-size"}, watchdog=False)
+    pg = _RecordingCluster(settings={"shared_buffers": "not-a-size"}, watchdog=False)
     with pytest.raises(PgClusterError) as info:
         pg.start()
     message = str(info.value)
     assert "server log tail" in message
     assert "shared_buffers" in message  # the server's own complaint, from the log
     assert not pg.running
-    assert set(Path("/tmp").glob("kameng-pg-*")) - before == set()
+    (base,) = pg.bases  # the failed start made exactly one folder ...
+    assert base.name.startswith("kameng-pg-")
+    assert not base.exists()  # ... and removed it
 
 
 def test_managed_settings_are_protected() -> None:
