@@ -321,6 +321,7 @@ def supplier_claims(
     late keys went to stock (`stocked`); a late top-up is money to recover (`open`)."""
     from kameng.money import format_cents
     from kameng.orders import queries as order_queries
+    from kameng.suppliers import claims
     from kameng.suppliers import service as suppliers
     from kameng.suppliers.models import ClaimState
 
@@ -329,8 +330,8 @@ def supplier_claims(
     container = _container()
     with container.db.connect(write=False) as conn:
         supplier_id = suppliers.supplier_by_code(conn, supplier).id if supplier else None
-        claims = suppliers.list_claims(conn, supplier_id=supplier_id, state=state)
-        order_nos = order_queries.order_numbers(conn, ids={c.order_id for c in claims})
+        found = claims.list_claims(conn, supplier_id=supplier_id, state=state)
+        order_nos = order_queries.order_numbers(conn, ids={c.order_id for c in found})
     if as_json:
         print(
             json.dumps(
@@ -349,7 +350,7 @@ def supplier_claims(
                         "resolved_by": c.resolved_by,
                         "note": c.note,
                     }
-                    for c in claims
+                    for c in found
                 ],
                 ensure_ascii=False,
             )
@@ -358,7 +359,7 @@ def supplier_claims(
     table = Table(
         "id", "supplier", "out_trade_no", "order", "kind", "state", "amount", "keys", "note"
     )
-    for c in claims:
+    for c in found:
         table.add_row(
             str(c.id),
             c.supplier,
@@ -382,11 +383,11 @@ def supplier_claim_resolve(
     """Mark an overcharge settled (the supplier refunded or credited it, or it was written
     off); audited."""
     from kameng.audit import service as audit
-    from kameng.suppliers import service as suppliers
+    from kameng.suppliers import claims
 
     container = _container()
     with container.db.unit_of_work() as session:
-        suppliers.resolve_claim(
+        claims.resolve_claim(
             session.connection(),
             claim_id=claim_id,
             actor=_actor(actor),

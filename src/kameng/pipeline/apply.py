@@ -23,6 +23,7 @@ from kameng.orders import fulfil
 from kameng.orders import service as orders
 from kameng.orders.state import TERMINAL, Stage, Status
 from kameng.security.crypto import Vault
+from kameng.suppliers import claims
 from kameng.suppliers import service as suppliers
 from kameng.suppliers.models import LIVE_STATES, ProcurementState
 from kameng.suppliers.port import Outcome, Result
@@ -551,7 +552,7 @@ def _late_success(
             conn, procurement_id=proc.id, state=ProcurementState(proc.state), now=now, **extra
         )
     charged = extra.get("charged_cents", proc.charged_cents)
-    suppliers.record_late_success(
+    claims.record_late_success(
         conn,
         procurement=proc,
         stocked_keys=added if is_card else None,

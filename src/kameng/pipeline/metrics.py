@@ -48,7 +48,7 @@ def snapshot(container: Any) -> dict[str, Any]:
     from kameng.notify import service as notify
     from kameng.payments import service as payments
     from kameng.review import service as review
-    from kameng.suppliers import reconcile
+    from kameng.suppliers import claims, reconcile
     from kameng.suppliers import service as suppliers
 
     now = container.clock()
@@ -85,7 +85,7 @@ def snapshot(container: Any) -> dict[str, Any]:
         )
         health = suppliers.health(conn, now=now)
         mismatches = reconcile.latest_mismatches(conn)
-        open_claims = suppliers.open_claims_count(conn)
+        open_claims = claims.open_claims_count(conn)
         pending = notify.pending_count(conn)
         pay = payments.health_counts(conn, now=now)
         queue = review.queue_figures(conn, now=now)

@@ -2,7 +2,8 @@
 
 Rows are written by the change itself (`kameng.notify`, from the order's transition); the
 worker sends them here, signed like every kameng webhook (`X-Kameng-Signature: t=…,v1=…`),
-retrying with capped, jittered backoff. The `event_id` is stable across retries so receivers can drop duplicates.
+retrying with capped, jittered backoff. The `event_id` is stable across retries so receivers
+can drop duplicates.
 """
 
 from __future__ import annotations
